@@ -1,0 +1,36 @@
+"""The greeter: ``meshrpc serve examples.greeter.app:app --port 50051``."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import grpc
+
+import meshrpc
+from examples._generated.helloworld import helloworld_pb2, helloworld_pb2_grpc
+
+
+class Greeter(helloworld_pb2_grpc.GreeterServicer, meshrpc.Service):
+    async def SayHello(
+        self, request: helloworld_pb2.HelloRequest, context: grpc.aio.ServicerContext[object, object]
+    ) -> helloworld_pb2.HelloReply:
+        if not request.name:
+            raise meshrpc.InvalidArgument("name must not be empty")
+        return helloworld_pb2.HelloReply(message=f"Hello, {request.name}!")
+
+    async def SayHelloStream(
+        self, request: helloworld_pb2.HelloRequest, context: grpc.aio.ServicerContext[object, object]
+    ) -> AsyncIterator[helloworld_pb2.HelloReply]:
+        count = request.count or 3
+        if count < 0 or count > 1000:
+            raise meshrpc.InvalidArgument(f"count must be 0..1000, got {count}")
+        for i in range(count):
+            # A draining server finishes the stream early and cleanly, with OK.
+            if self.draining.is_set():
+                return
+            yield helloworld_pb2.HelloReply(message=f"Hello, {request.name}! ({i + 1}/{count})")
+            await asyncio.sleep(0)
+
+
+app = meshrpc.App("greeter", services=[Greeter()])

@@ -1,0 +1,68 @@
+"""meshrpc: asyncio gRPC services for Kubernetes and Istio.
+
+Subclass the generated servicer, put it in an :class:`App`, and ``meshrpc serve``
+gives it health, reflection, a zero-loss drain and mesh-aware readiness;
+``meshrpc routes`` writes its Kubernetes and Istio manifests.
+"""
+
+from ._app import App, Lifespan
+from ._config import Config
+from ._errors import (
+    Aborted,
+    AlreadyExists,
+    AppError,
+    BindError,
+    Cancelled,
+    ConfigError,
+    DataLoss,
+    DeadlineExceeded,
+    FailedPrecondition,
+    Internal,
+    InvalidArgument,
+    MeshrpcError,
+    NotFound,
+    OutOfRange,
+    PermissionDenied,
+    ResourceExhausted,
+    StatusError,
+    Unauthenticated,
+    Unavailable,
+    Unimplemented,
+)
+from ._mesh import SidecarNotReady, quit_sidecar, wait_for_sidecar
+from ._routing import RouteOptions, route
+from ._service import Service
+from ._version import __version__
+
+__all__ = [
+    "Aborted",
+    "AlreadyExists",
+    "App",
+    "AppError",
+    "BindError",
+    "Cancelled",
+    "Config",
+    "ConfigError",
+    "DataLoss",
+    "DeadlineExceeded",
+    "FailedPrecondition",
+    "Internal",
+    "InvalidArgument",
+    "Lifespan",
+    "MeshrpcError",
+    "NotFound",
+    "OutOfRange",
+    "PermissionDenied",
+    "ResourceExhausted",
+    "RouteOptions",
+    "Service",
+    "SidecarNotReady",
+    "StatusError",
+    "Unauthenticated",
+    "Unavailable",
+    "Unimplemented",
+    "__version__",
+    "quit_sidecar",
+    "route",
+    "wait_for_sidecar",
+]

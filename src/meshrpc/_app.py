@@ -1,0 +1,130 @@
+"""The App: what a meshrpc service is made of, and how to run it."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+from collections.abc import Callable, Iterable
+from contextlib import AbstractAsyncContextManager
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from ._config import Config, from_env
+from ._errors import AppError
+from ._health import ReadinessCheck
+from ._service import Service, ServiceSpec, describe
+
+if TYPE_CHECKING:
+    from ._server import Server
+
+Lifespan = Callable[["App"], AbstractAsyncContextManager[Any]]
+C = TypeVar("C", bound=ReadinessCheck)
+_NAME = re.compile(r"^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$")
+
+
+class App:
+    """A gRPC application: its name, services, configuration and lifespan.
+
+    ``lifespan`` is called with the app and returns an async context manager
+    (``contextlib.asynccontextmanager`` works): the code before its ``yield``
+    runs before the server reports ready, the code after it once the server
+    has stopped.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        services: Iterable[object] = (),
+        *,
+        config: Config | None = None,
+        lifespan: Lifespan | None = None,
+    ) -> None:
+        if not _NAME.match(name):
+            raise AppError(
+                f"app name {name!r} must be a Kubernetes name: lowercase letters, digits and '-', "
+                "starting with a letter, at most 63 characters"
+            )
+        self.name = name
+        self.config = config if config is not None else Config()
+        self.lifespan = lifespan
+        self._checks: dict[str, ReadinessCheck] = {}
+        self._draining = asyncio.Event()
+        self._server: Server | None = None
+        specs: list[ServiceSpec] = []
+        for servicer in services:
+            specs.extend(describe(servicer))
+            if isinstance(servicer, Service):
+                servicer._meshrpc_app = self
+        seen: set[str] = set()
+        for spec in specs:
+            if spec.name in seen:
+                raise AppError(f"service {spec.name} is registered twice in app {name!r}")
+            seen.add(spec.name)
+        self.services: tuple[ServiceSpec, ...] = tuple(specs)
+
+    def __repr__(self) -> str:
+        return f"App({self.name!r}, services=[{', '.join(s.name for s in self.services)}])"
+
+    @property
+    def draining(self) -> asyncio.Event:
+        """Set when the server starts to drain; long-running handlers can await it."""
+        return self._draining
+
+    def readiness_check(self, check: C | None = None, *, name: str | None = None) -> Any:
+        """Register an async readiness check (usable as a decorator, with or without arguments).
+
+        It is polled every ``health_check_interval`` with ``health_check_timeout``;
+        returning False, raising or timing out makes readiness NOT_SERVING (and is
+        logged) until the check passes again.
+        """
+
+        def register(fn: C) -> C:
+            if not asyncio.iscoroutinefunction(fn):
+                raise AppError(f"readiness check {fn!r} must be an 'async def' function")
+            key = name or getattr(fn, "__qualname__", repr(fn))
+            if key in self._checks:
+                raise AppError(f"readiness check {key!r} is registered twice")
+            self._checks[key] = fn
+            return fn
+
+        return register(check) if check is not None else register
+
+    @property
+    def readiness_checks(self) -> dict[str, ReadinessCheck]:
+        return dict(self._checks)
+
+    async def serve(self, config: Config | None = None, *, install_signal_handlers: bool = False) -> int:
+        """Serve until stopped (:meth:`stop`, or a signal when handlers are installed).
+
+        Returns the exit code: 0 after a clean drain, 1 when the lifespan's shutdown failed.
+        """
+        from ._server import Server
+
+        server = Server(self, config if config is not None else self.config)
+        self._server = server
+        try:
+            return await server.serve(install_signal_handlers=install_signal_handlers)
+        finally:
+            self._server = None
+
+    def stop(self, *, force: bool = False) -> None:
+        """Start the same drain a SIGTERM starts; ``force`` skips what is left of it."""
+        if self._server is not None:
+            self._server.request_stop(force=force)
+
+    async def wait_for_proxy(self) -> None:
+        """Wait until the mesh's local proxy is ready (returns at once without a sidecar).
+
+        Use it in the lifespan before outbound calls: the sidecar may start after the app.
+        """
+        if self._server is None:
+            raise AppError("wait_for_proxy() works only while the app is being served")
+        await self._server.proxy_ready()
+
+    def run(self, **overrides: Any) -> int:
+        """Serve in a new event loop with signal handling; return the exit code.
+
+        Settings: the app's config, then ``MESHRPC_*`` variables, then ``overrides``.
+        """
+        config = self.config.replace(**{**from_env(os.environ), **overrides})
+        return asyncio.run(self.serve(config, install_signal_handlers=True))

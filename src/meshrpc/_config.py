@@ -1,0 +1,210 @@
+"""The one validated, frozen configuration object, and its readers at the edge.
+
+Settings come from code (``Config(...)``), then ``MESHRPC_*`` environment
+variables, then command-line flags; the last one wins.  Only :func:`from_env`
+and the CLI read the outside world; everything else receives a ``Config``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from collections.abc import Mapping
+from typing import Any, Literal, Union
+
+from ._errors import ConfigError
+
+ENV_PREFIX = "MESHRPC_"
+MeshMode = Literal["auto", "istio-sidecar", "ambient", "none"]
+MESH_MODES: tuple[str, ...] = typing.get_args(MeshMode)
+LOG_LEVELS = ("debug", "info", "warning", "error")
+MiB = 1024 * 1024
+
+
+def _setting(default: Any, help: str) -> Any:
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Everything a meshrpc server can be told.  Validated once, when created."""
+
+    host: str = _setting("[::]", "Address to listen on ('[::]' is every IPv4 and IPv6 address).")
+    port: int = _setting(50051, "TCP port to listen on (0 picks a free one).")
+    reuse_port: bool = _setting(
+        False,
+        "Allow several servers on one port (SO_REUSEPORT). Off, so a port in use is an error.",
+    )
+    max_receive_message_size: int = _setting(4 * MiB, "Largest request message accepted, in bytes.")
+    max_send_message_size: int = _setting(4 * MiB, "Largest response message sent, in bytes.")
+    max_concurrent_rpcs: int | None = _setting(
+        None,
+        "RPCs served at once; beyond it new ones get RESOURCE_EXHAUSTED. Unset: no limit.",
+    )
+    reflection: bool = _setting(True, "Serve gRPC server reflection (v1 and v1alpha).")
+    drain_delay: float = _setting(
+        5.0,
+        "Seconds to keep serving after SIGTERM while readiness reports NOT_SERVING.",
+    )
+    grace: float = _setting(20.0, "Seconds in-flight RPCs get to finish once the server stops accepting.")
+    health_check_interval: float = _setting(5.0, "Seconds between runs of the readiness checks.")
+    health_check_timeout: float = _setting(
+        2.0, "Seconds one readiness check may take before it counts as failed."
+    )
+    liveness_service: str = _setting(
+        "liveness",
+        "Health service name that stays SERVING while the process lives (liveness probe).",
+    )
+    mesh: MeshMode = _setting("auto", "Mesh mode: auto, istio-sidecar, ambient or none.")
+    pod_annotations_path: str = _setting(
+        "/etc/podinfo/annotations",
+        "Downward-API file with the pod's annotations, read when mesh is auto.",
+    )
+    sidecar_ready_url: str = _setting(
+        "http://127.0.0.1:15021/healthz/ready",
+        "The Istio sidecar's readiness endpoint.",
+    )
+    sidecar_ready_timeout: float = _setting(
+        120.0,
+        "Seconds to wait for the sidecar to be ready before exiting with an error.",
+    )
+    sidecar_quit_url: str = _setting(
+        "http://127.0.0.1:15020/quitquitquit",
+        "Where a finished batch app asks the sidecar to exit.",
+    )
+    max_connection_age: float | None = _setting(
+        None,
+        "Seconds before a client connection is asked to reconnect. Unset: 300, off with a sidecar.",
+    )
+    max_connection_age_grace: float = _setting(
+        30.0, "Seconds a connection past its age gets for its in-flight RPCs."
+    )
+    log_level: str = _setting("info", "Log level: debug, info, warning or error.")
+
+    def __post_init__(self) -> None:
+        _require(self.host != "", "host", "must not be empty")
+        _require(0 <= self.port <= 65535, "port", f"must be 0..65535, got {self.port}")
+        for name in ("max_receive_message_size", "max_send_message_size"):
+            value = getattr(self, name)
+            _require(value > 0, name, f"must be a positive number of bytes, got {value}")
+        if self.max_concurrent_rpcs is not None:
+            _require(
+                self.max_concurrent_rpcs > 0,
+                "max_concurrent_rpcs",
+                "must be positive or unset",
+            )
+        for name in ("drain_delay", "grace", "max_connection_age_grace"):
+            value = getattr(self, name)
+            _require(
+                math.isfinite(value) and value >= 0,
+                name,
+                f"must be >= 0 seconds, got {value}",
+            )
+        for name in (
+            "health_check_interval",
+            "health_check_timeout",
+            "sidecar_ready_timeout",
+        ):
+            value = getattr(self, name)
+            _require(
+                math.isfinite(value) and value > 0,
+                name,
+                f"must be > 0 seconds, got {value}",
+            )
+        if self.max_connection_age is not None:
+            _require(
+                math.isfinite(self.max_connection_age) and self.max_connection_age > 0,
+                "max_connection_age",
+                f"must be > 0 seconds or unset, got {self.max_connection_age}",
+            )
+        _require(
+            self.liveness_service != "",
+            "liveness_service",
+            "must not be empty ('' is readiness)",
+        )
+        _require(
+            self.mesh in MESH_MODES,
+            "mesh",
+            f"must be one of {', '.join(MESH_MODES)}, got {self.mesh!r}",
+        )
+        _require(
+            self.log_level in LOG_LEVELS,
+            "log_level",
+            f"must be one of {', '.join(LOG_LEVELS)}, got {self.log_level!r}",
+        )
+        for name in ("sidecar_ready_url", "sidecar_quit_url"):
+            value = getattr(self, name)
+            _require(
+                value.startswith("http://"),
+                name,
+                f"must be an http:// URL, got {value!r}",
+            )
+
+    @property
+    def address(self) -> str:
+        """The ``host:port`` string the server binds."""
+        return f"{self.host}:{self.port}"
+
+    def replace(self, **changes: Any) -> Config:
+        """A copy with ``changes`` applied and validated again."""
+        unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
+        if unknown:
+            raise ConfigError(f"unknown setting(s): {', '.join(sorted(unknown))}")
+        return dataclasses.replace(self, **changes)
+
+
+def _require(ok: bool, name: str, problem: str) -> None:
+    if not ok:
+        raise ConfigError(f"invalid setting {name} ({ENV_PREFIX}{name.upper()}): {problem}")
+
+
+def env_name(field_name: str) -> str:
+    return ENV_PREFIX + field_name.upper()
+
+
+def settings() -> tuple[dataclasses.Field[Any], ...]:
+    """The fields of :class:`Config`, in declaration order (for the CLI and docs)."""
+    return dataclasses.fields(Config)
+
+
+_HINTS = typing.get_type_hints(Config)
+
+
+def parse_value(field_name: str, text: str) -> Any:
+    """Turn the text of an environment variable or CLI flag into a setting's value."""
+    hint = _HINTS[field_name]
+    optional = False
+    if typing.get_origin(hint) in (Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        optional = len(args) < len(typing.get_args(hint))
+        hint = args[0]
+    raw = text.strip()
+    if optional and raw.lower() in ("", "none", "off"):
+        return None
+    try:
+        if hint is bool:
+            lowered = raw.lower()
+            if lowered in ("1", "true", "yes", "on"):
+                return True
+            if lowered in ("0", "false", "no", "off"):
+                return False
+            raise ValueError("expected true or false")
+        if hint is int:
+            return int(raw)
+        if hint is float:
+            return float(raw)
+    except ValueError as exc:
+        raise ConfigError(f"invalid setting {field_name} ({env_name(field_name)}): {text!r}: {exc}") from None
+    return raw
+
+
+def from_env(environ: Mapping[str, str]) -> dict[str, Any]:
+    """The settings given as ``MESHRPC_*`` variables in ``environ``, parsed."""
+    changes: dict[str, Any] = {}
+    for f in settings():
+        name = env_name(f.name)
+        if name in environ:
+            changes[f.name] = parse_value(f.name, environ[name])
+    return changes

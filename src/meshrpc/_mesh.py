@@ -1,0 +1,180 @@
+"""Where the app runs: Istio sidecar, ambient, or no mesh; and the sidecar's readiness.
+
+The sidecar is asked over plain HTTP on 127.0.0.1 with a tiny client on asyncio
+streams: two requests at startup do not justify an HTTP library dependency.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import re
+import time
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from ._config import Config
+from ._errors import MeshrpcError
+
+logger = logging.getLogger("meshrpc.mesh")
+
+SIDECAR = "istio-sidecar"
+AMBIENT = "ambient"
+NONE = "none"
+PROBE_TIMEOUT = 0.5
+DEFAULT_CONNECTION_AGE = 300.0
+
+
+class SidecarNotReady(MeshrpcError):
+    """The Istio sidecar did not report ready within the configured time."""
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshInfo:
+    """The mesh mode in force and why it was chosen."""
+
+    mode: str
+    reason: str
+
+
+async def http_status(url: str, method: str = "GET", timeout: float = 2.0) -> int:
+    """The HTTP status ``url`` answers with; OSError/TimeoutError when it cannot be reached."""
+    parts = urlsplit(url)
+    host, port = parts.hostname or "127.0.0.1", parts.port or 80
+    path = parts.path or "/"
+
+    async def ask() -> int:
+        reader, writer = await asyncio.open_connection(host, port)
+        try:
+            writer.write(
+                f"{method} {path} HTTP/1.1\r\nHost: {parts.netloc}\r\nContent-Length: 0\r\n"
+                "Connection: close\r\n\r\n".encode()
+            )
+            await writer.drain()
+            line = await reader.readline()
+        finally:
+            writer.close()
+        match = re.match(rb"HTTP/\d(?:\.\d)? (\d{3})", line)
+        if not match:
+            raise OSError(f"not an HTTP answer from {url}: {line[:60]!r}")
+        return int(match.group(1))
+
+    return await asyncio.wait_for(ask(), timeout)
+
+
+def parse_annotations(text: str) -> dict[str, str]:
+    """Parse the downward API's ``key="value"`` lines; ValueError on a malformed line."""
+    annotations = {}
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        key, sep, value = line.partition("=")
+        if not sep or not key or not (len(value) >= 2 and value[0] == value[-1] == '"'):
+            raise ValueError(f'line {number} is not key="value": {line[:80]!r}')
+        annotations[key.strip()] = value[1:-1].encode().decode("unicode_escape")
+    return annotations
+
+
+async def detect(config: Config) -> MeshInfo:
+    """Decide the mesh mode: as configured, or (auto) from the pod's annotations or a probe."""
+    if config.mesh != "auto":
+        return MeshInfo(config.mesh, f"set by configuration (mesh={config.mesh})")
+    path = Path(config.pod_annotations_path)
+    try:
+        annotations = parse_annotations(path.read_text())  # noqa: ASYNC240 - a small local file, once
+    except FileNotFoundError:
+        pass
+    except (OSError, ValueError, UnicodeDecodeError) as exc:
+        logger.warning("ignoring pod annotations file %s: %s", path, exc)
+    else:
+        if "sidecar.istio.io/status" in annotations:
+            return MeshInfo(SIDECAR, f"annotation sidecar.istio.io/status in {path}")
+        if annotations.get("ambient.istio.io/redirection") == "enabled":
+            return MeshInfo(AMBIENT, f"annotation ambient.istio.io/redirection=enabled in {path}")
+        return MeshInfo(NONE, f"no Istio annotation in {path}")
+    try:
+        await http_status(config.sidecar_ready_url, timeout=PROBE_TIMEOUT)
+    except (TimeoutError, OSError):
+        return MeshInfo(
+            NONE,
+            f"no annotations file at {path} and nothing answers {config.sidecar_ready_url}",
+        )
+    return MeshInfo(
+        SIDECAR,
+        f"no annotations file at {path}, but {config.sidecar_ready_url} answers",
+    )
+
+
+async def wait_for_sidecar(
+    url: str = "http://127.0.0.1:15021/healthz/ready",
+    timeout: float = 120.0,
+    *,
+    log_every: float = 5.0,
+) -> None:
+    """Wait until the Istio sidecar's readiness endpoint answers 200.
+
+    Polls with backoff (50 ms doubling to 1 s) and logs progress every
+    ``log_every`` seconds; raises :class:`SidecarNotReady` after ``timeout``.
+    Call it from a lifespan before making outbound calls through the mesh.
+    """
+    started = time.monotonic()
+    deadline = started + timeout
+    delay, next_log, attempts = 0.05, started + log_every, 0
+    last = "no answer yet"
+    while True:
+        attempts += 1
+        try:
+            status = await http_status(url, timeout=min(2.0, max(0.05, deadline - time.monotonic())))
+        except (TimeoutError, OSError) as exc:
+            last = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        else:
+            if status == 200:
+                logger.info("sidecar ready after %.1fs (%s)", time.monotonic() - started, url)
+                return
+            last = f"HTTP {status}"
+        now = time.monotonic()
+        if now >= deadline:
+            raise SidecarNotReady(
+                f"the Istio sidecar was not ready after {timeout:.0f}s: GET {url} "
+                f"was tried {attempts} times, last answer: {last}"
+            )
+        if now >= next_log:
+            logger.info(
+                "waiting for the sidecar: GET %s -> %s (%.0fs of %.0fs)",
+                url,
+                last,
+                now - started,
+                timeout,
+            )
+            next_log = now + log_every
+        await asyncio.sleep(min(delay, max(0.0, deadline - now)))
+        delay = min(delay * 2, 1.0)
+
+
+async def quit_sidecar(url: str = "http://127.0.0.1:15020/quitquitquit", timeout: float = 5.0) -> bool:
+    """Ask the Istio sidecar to exit, for a batch app that has finished its work.
+
+    Returns True when the sidecar accepted, False when none answered (no mesh).
+    Never call it from a server: the sidecar must outlive the drain.
+    """
+    try:
+        status = await http_status(url, method="POST", timeout=timeout)
+    except (TimeoutError, OSError):
+        logger.info("no sidecar answered %s; nothing to stop", url)
+        return False
+    logger.info("asked the sidecar to exit: POST %s -> HTTP %d", url, status)
+    return 200 <= status < 300
+
+
+def connection_age(config: Config, mode: str) -> float | None:
+    """Seconds before a client connection is asked to reconnect, or None for no limit.
+
+    Without a mesh, an L4 Service pins each long-lived HTTP/2 connection to one
+    pod (ambient's ztunnel balances per connection too); ageing connections makes
+    clients reconnect and spread.  With a sidecar,
+    Envoy balances per request, so it stays off unless set.
+    """
+    if config.max_connection_age is not None:
+        return config.max_connection_age
+    return None if mode == SIDECAR else DEFAULT_CONNECTION_AGE

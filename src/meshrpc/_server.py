@@ -1,0 +1,280 @@
+"""The server's lifecycle: startup, serving, and the drain that loses no request.
+
+    start    detect mesh -> bind -> lifespan startup -> start serving (readiness
+             NOT_SERVING) -> wait for the sidecar -> readiness SERVING
+    stop     t0: readiness NOT_SERVING, drain event set, liveness stays SERVING
+             t0..t0+D: keep serving new RPCs while endpoints and proxies catch up
+             t0+D: stop accepting (GOAWAY); in-flight RPCs get up to G
+             t0+D+G: cancel what is left; lifespan shutdown; shutdown hooks
+    a second stop request skips what is left of D and G.
+
+Signal handlers only set flags (and wake the loop); all work happens here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import threading
+from collections.abc import Coroutine, Iterator
+from contextlib import AbstractAsyncContextManager
+from types import FrameType
+from typing import TYPE_CHECKING, Any
+
+import grpc
+from grpc_health.v1 import health_pb2_grpc
+
+from . import _mesh
+from ._config import Config
+from ._errors import AppError, BindError
+from ._handlers import Middleware, method_handler
+from ._health import HEALTH_SERVICE, Health, poll_checks
+from ._reflection import add_reflection
+
+if TYPE_CHECKING:
+    from ._app import App
+
+logger = logging.getLogger("meshrpc.server")
+HANDLED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class Server:
+    """Serves one App once.  Create a new one to serve again."""
+
+    def __init__(self, app: App, config: Config) -> None:
+        self.app = app
+        self.config = config
+        self.port: int | None = None
+        self.mesh: _mesh.MeshInfo | None = None
+        self.health: Health | None = None
+        self.exit_code = 0
+        self.middlewares: tuple[Middleware, ...] = ()
+        self._grpc: grpc.aio.Server | None = None
+        self._stop_requested = asyncio.Event()
+        self._force = asyncio.Event()
+        self._started = asyncio.Event()
+        self._sidecar: asyncio.Task[None] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._lifespan: AbstractAsyncContextManager[Any] | None = None
+
+    # -- control -------------------------------------------------------------
+
+    def request_stop(self, *, force: bool = False) -> None:
+        """Begin the drain; when already draining (or ``force``), skip what is left of it."""
+        if self._stop_requested.is_set() or force:
+            self._force.set()
+        self._stop_requested.set()
+
+    async def wait_started(self) -> None:
+        await self._started.wait()
+
+    async def proxy_ready(self) -> None:
+        if self._sidecar is not None:
+            await asyncio.shield(self._sidecar)
+
+    @contextlib.contextmanager
+    def _signal_handlers(self) -> Iterator[None]:
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        loop = asyncio.get_running_loop()
+
+        def handle(signum: int, frame: FrameType | None) -> None:
+            loop.call_soon_threadsafe(self._on_signal, signum)
+
+        previous: dict[int, Any] = {}
+        for sig in HANDLED_SIGNALS:
+            previous[sig] = signal.signal(sig, handle)
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def _on_signal(self, signum: int) -> None:
+        name = signal.Signals(signum).name
+        if self._stop_requested.is_set():
+            logger.warning("received %s again: stopping now, skipping the rest of the drain", name)
+        else:
+            logger.info("received %s: draining", name)
+        self.request_stop()
+
+    # -- the three phases ----------------------------------------------------
+
+    async def serve(self, *, install_signal_handlers: bool = False) -> int:
+        """Start, serve until asked to stop, drain; return the exit code."""
+        self.app._draining = asyncio.Event()
+        with self._signal_handlers() if install_signal_handlers else contextlib.nullcontext():
+            try:
+                if not await self._startup_unless_stopped():
+                    return self.exit_code
+                self._started.set()
+                await self._stop_requested.wait()
+                await self._drain()
+            finally:
+                await self._cleanup()
+        logger.info("shutdown complete, exit code %d", self.exit_code)
+        return self.exit_code
+
+    async def _startup_unless_stopped(self) -> bool:
+        startup = asyncio.ensure_future(self._startup())
+        stop = asyncio.ensure_future(self._stop_requested.wait())
+        try:
+            await asyncio.wait((startup, stop), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop.cancel()
+        if startup.done():
+            startup.result()
+            return True
+        logger.info("stop requested during startup: stopping")
+        startup.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await startup
+        return False
+
+    async def _startup(self) -> None:
+        config, app = self.config, self.app
+        self.mesh = await _mesh.detect(config)
+        logger.info("mesh mode %s (%s)", self.mesh.mode, self.mesh.reason)
+        if self.mesh.mode == _mesh.SIDECAR:
+            self._sidecar = self._task(
+                _mesh.wait_for_sidecar(config.sidecar_ready_url, config.sidecar_ready_timeout)
+            )
+            self._sidecar.add_done_callback(_consume)
+
+        server = grpc.aio.server(options=self._options(), maximum_concurrent_rpcs=config.max_concurrent_rpcs)
+        self._grpc = server
+        try:
+            self.port = server.add_insecure_port(config.address)
+        except RuntimeError:
+            raise BindError(
+                f"cannot listen on {config.address}: the address is in use or not available "
+                "(another server on this port? set reuse_port to share it on purpose)"
+            ) from None
+
+        if app.lifespan is not None:
+            lifespan = app.lifespan(app)
+            try:
+                await lifespan.__aenter__()
+            except Exception as exc:
+                raise AppError(f"lifespan startup of app {app.name!r} failed: {exc!r}") from exc
+            self._lifespan = lifespan
+
+        self.health = health = Health([s.name for s in app.services], config.liveness_service)
+        await health.publish()  # NOT_SERVING until started: the library's default is SERVING
+        names = self._add_handlers(server, health)
+        await server.start()
+        logger.info(
+            "serving app %s on %s:%d: %s",
+            app.name,
+            config.host,
+            self.port,
+            ", ".join(names),
+        )
+        if self._sidecar is not None:
+            await asyncio.shield(self._sidecar)
+        await health.update(started=True)
+        checks = app.readiness_checks
+        if checks:
+            self._task(
+                poll_checks(
+                    health,
+                    checks,
+                    config.health_check_interval,
+                    config.health_check_timeout,
+                )
+            )
+
+    def _task(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        task = asyncio.ensure_future(coro)
+        self._tasks.append(task)
+        return task
+
+    async def _cleanup(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        if self._grpc is not None:
+            await self._grpc.stop(0)  # no-op after a completed drain
+        if self._lifespan is not None:
+            lifespan, self._lifespan = self._lifespan, None
+            try:
+                await lifespan.__aexit__(None, None, None)
+            except Exception:
+                logger.exception("lifespan shutdown of app %s failed", self.app.name)
+                self.exit_code = 1
+
+    def _options(self) -> list[tuple[str, Any]]:
+        config = self.config
+        options: list[tuple[str, Any]] = [
+            ("grpc.so_reuseport", 1 if config.reuse_port else 0),
+            ("grpc.max_receive_message_length", config.max_receive_message_size),
+            ("grpc.max_send_message_length", config.max_send_message_size),
+            # Envoy and grpc-go clients ping every few minutes at most; allow that
+            # without answering with too_many_pings (GOAWAY ENHANCE_YOUR_CALM).
+            ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+            ("grpc.keepalive_permit_without_calls", 1),
+        ]
+        assert self.mesh is not None
+        age = _mesh.connection_age(config, self.mesh.mode)
+        if age is not None:
+            options.append(("grpc.max_connection_age_ms", int(age * 1000)))
+            options.append(
+                (
+                    "grpc.max_connection_age_grace_ms",
+                    int(config.max_connection_age_grace * 1000),
+                )
+            )
+        return options
+
+    def _add_handlers(self, server: grpc.aio.Server, health: Health) -> list[str]:
+        for service in self.app.services:
+            handlers = {m.name: method_handler(m, self.middlewares) for m in service.methods}
+            server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.name, handlers),))
+        health_pb2_grpc.add_HealthServicer_to_server(health.servicer, server)
+        names = [*(s.name for s in self.app.services), HEALTH_SERVICE]
+        if self.config.reflection:
+            names = list(add_reflection(server, names))
+        return names
+
+    async def _drain(self) -> None:
+        assert self._grpc is not None and self.health is not None
+        config, loop = self.config, asyncio.get_running_loop()
+        t0 = loop.time()
+
+        def since() -> str:
+            return f"t0+{loop.time() - t0:.2f}s"
+
+        self.app._draining.set()
+        await self.health.update(draining=True)
+        logger.info(
+            "drain t0: readiness NOT_SERVING, liveness SERVING; serving new RPCs for %.1fs (drain delay)",
+            config.drain_delay,
+        )
+        if config.drain_delay > 0 and not self._force.is_set():
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._force.wait(), config.drain_delay)
+        grace = 0.0 if self._force.is_set() else config.grace
+        logger.info(
+            "drain %s: no new RPCs (GOAWAY); in-flight RPCs get %.1fs (grace)",
+            since(),
+            grace,
+        )
+        self.health.servicer.end_watches()
+        stopping = asyncio.ensure_future(self._grpc.stop(grace))
+        forced = asyncio.ensure_future(self._force.wait())
+        await asyncio.wait((stopping, forced), return_when=asyncio.FIRST_COMPLETED)
+        forced.cancel()
+        if not stopping.done():
+            logger.warning("drain %s: stopping now, cancelling in-flight RPCs", since())
+            await self._grpc.stop(0)
+        await stopping
+        logger.info("drain %s: server stopped; running lifespan shutdown", since())
+
+
+def _consume(future: asyncio.Future[None]) -> None:
+    # The wait's error is raised where it is awaited; this only keeps asyncio
+    # from warning about a never-retrieved exception when nobody awaits it.
+    if not future.cancelled():
+        future.exception()
