@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import os
 import re
 from collections.abc import Callable, Iterable
@@ -79,9 +80,10 @@ class App:
         """
 
         def register(fn: C) -> C:
-            if not asyncio.iscoroutinefunction(fn):
+            is_async: bool = inspect.iscoroutinefunction(fn)
+            if not is_async:
                 raise AppError(f"readiness check {fn!r} must be an 'async def' function")
-            key = name or getattr(fn, "__qualname__", repr(fn))
+            key: str = name or getattr(fn, "__qualname__", None) or repr(fn)
             if key in self._checks:
                 raise AppError(f"readiness check {key!r} is registered twice")
             self._checks[key] = fn

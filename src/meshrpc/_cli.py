@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from . import _config, _discovery, _logging
+from ._app import App
 from ._errors import MeshrpcError
 from ._version import __version__
 
@@ -79,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _load(ns: argparse.Namespace) -> Any:
+def _load(ns: argparse.Namespace) -> App:
     cwd = Path.cwd()
     reference = _discovery.app_reference(ns.app, os.environ, cwd)
     return _discovery.load_app(reference, cwd)
@@ -134,5 +135,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:  # a signal before the server installed its handlers
         return 130
-
-

@@ -50,9 +50,7 @@ class Config:
     )
     grace: float = _setting(20.0, "Seconds in-flight RPCs get to finish once the server stops accepting.")
     health_check_interval: float = _setting(5.0, "Seconds between runs of the readiness checks.")
-    health_check_timeout: float = _setting(
-        2.0, "Seconds one readiness check may take before it counts as failed."
-    )
+    health_check_timeout: float = _setting(2.0, "Seconds one readiness check may take before it counts as failed.")
     liveness_service: str = _setting(
         "liveness",
         "Health service name that stays SERVING while the process lives (liveness probe).",
@@ -78,9 +76,7 @@ class Config:
         None,
         "Seconds before a client connection is asked to reconnect. Unset: 300, off with a sidecar.",
     )
-    max_connection_age_grace: float = _setting(
-        30.0, "Seconds a connection past its age gets for its in-flight RPCs."
-    )
+    max_connection_age_grace: float = _setting(30.0, "Seconds a connection past its age gets for its in-flight RPCs.")
     log_level: str = _setting("info", "Log level: debug, info, warning or error.")
 
     def __post_init__(self) -> None:

@@ -65,9 +65,7 @@ def _unimplemented(spec: MethodSpec) -> Handler:
     return unimplemented
 
 
-async def _checked(
-    requests: AsyncIterator[Any], context: grpc.aio.ServicerContext[Any, Any]
-) -> AsyncIterator[Any]:
+async def _checked(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
     async for request in requests:
         if request.__class__ is _Malformed:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.reason)
@@ -95,9 +93,7 @@ def _wrap(spec: MethodSpec, impl: Handler) -> Handler:
 
     if kind is RpcKind.STREAM_UNARY:
 
-        async def stream_unary(
-            requests: AsyncIterator[Any], context: grpc.aio.ServicerContext[Any, Any]
-        ) -> Any:
+        async def stream_unary(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             try:
                 return await impl(_checked(requests, context), context)
             except abort_error:
@@ -149,9 +145,7 @@ _FACTORIES = {
 }
 
 
-def method_handler(
-    spec: MethodSpec, middlewares: tuple[Middleware, ...] = ()
-) -> grpc.RpcMethodHandler[Any, Any]:
+def method_handler(spec: MethodSpec, middlewares: tuple[Middleware, ...] = ()) -> grpc.RpcMethodHandler[Any, Any]:
     """The grpc handler for ``spec``: the user's method inside meshrpc's wrappers."""
     handler = _wrap(spec, spec.impl) if spec.impl is not None else _unimplemented(spec)
     # Outermost last: a middleware sees the status the error mapping produced.

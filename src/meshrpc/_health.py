@@ -56,9 +56,7 @@ class HealthServicer(health_aio.HealthServicer):  # type: ignore[misc]
         if watch.done() and not watch.cancelled():
             watch.result()  # re-raise what the stream ended with
 
-    async def List(
-        self, request: health_pb2.HealthListRequest, context: Any
-    ) -> health_pb2.HealthListResponse:
+    async def List(self, request: health_pb2.HealthListRequest, context: Any) -> health_pb2.HealthListResponse:
         response = health_pb2.HealthListResponse()
         for name, status in sorted(self._statuses.items()):
             response.statuses[name].status = status
@@ -123,18 +121,17 @@ async def _run_check(name: str, check: ReadinessCheck, timeout: float) -> bool:
     return True
 
 
-async def poll_checks(
-    health: Health, checks: dict[str, ReadinessCheck], interval: float, timeout: float
-) -> None:
+async def run_checks(health: Health, checks: dict[str, ReadinessCheck], timeout: float) -> None:
+    """Run every readiness check once, concurrently, and publish the outcome."""
+    results = await asyncio.gather(*(_run_check(n, c, timeout) for n, c in checks.items()))
+    ok = all(results)
+    if ok != health.checks_ok:
+        logger.info("readiness checks %s", "pass" if ok else "fail")
+    await health.update(checks_ok=ok)
+
+
+async def poll_checks(health: Health, checks: dict[str, ReadinessCheck], interval: float, timeout: float) -> None:
     """Run the readiness checks every ``interval`` until cancelled."""
     while True:
-        results = await asyncio.gather(*(_run_check(n, c, timeout) for n, c in checks.items()))
-        ok = all(results)
-        if ok != health.checks_ok:
-            logger.info("readiness checks %s", "pass" if ok else "fail")
-        await health.update(checks_ok=ok)
         await asyncio.sleep(interval)
-
-
-def status_name(status: int) -> str:
-    return health_pb2.HealthCheckResponse.ServingStatus.Name(status)  # type: ignore[arg-type]
+        await run_checks(health, checks, timeout)

@@ -99,9 +99,7 @@ def route(
             timeout=parse_duration(timeout, f"{what}: timeout") if timeout is not None else None,
             retries=retries,
             per_try_timeout=(
-                parse_duration(per_try_timeout, f"{what}: per_try_timeout")
-                if per_try_timeout is not None
-                else None
+                parse_duration(per_try_timeout, f"{what}: per_try_timeout") if per_try_timeout is not None else None
             ),
             retry_on=conditions or (DEFAULT_RETRY_ON if retries else ()),
         )

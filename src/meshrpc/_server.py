@@ -30,7 +30,7 @@ from . import _mesh
 from ._config import Config
 from ._errors import AppError, BindError
 from ._handlers import Middleware, method_handler
-from ._health import HEALTH_SERVICE, Health, poll_checks
+from ._health import HEALTH_SERVICE, Health, poll_checks, run_checks
 from ._reflection import add_reflection
 
 if TYPE_CHECKING:
@@ -90,8 +90,8 @@ class Server:
         try:
             yield
         finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
 
     def _on_signal(self, signum: int) -> None:
         name = signal.Signals(signum).name
@@ -139,9 +139,7 @@ class Server:
         self.mesh = await _mesh.detect(config)
         logger.info("mesh mode %s (%s)", self.mesh.mode, self.mesh.reason)
         if self.mesh.mode == _mesh.SIDECAR:
-            self._sidecar = self._task(
-                _mesh.wait_for_sidecar(config.sidecar_ready_url, config.sidecar_ready_timeout)
-            )
+            self._sidecar = self._task(_mesh.wait_for_sidecar(config.sidecar_ready_url, config.sidecar_ready_timeout))
             self._sidecar.add_done_callback(_consume)
 
         server = grpc.aio.server(options=self._options(), maximum_concurrent_rpcs=config.max_concurrent_rpcs)
@@ -175,8 +173,10 @@ class Server:
         )
         if self._sidecar is not None:
             await asyncio.shield(self._sidecar)
-        await health.update(started=True)
         checks = app.readiness_checks
+        if checks:  # the first round decides readiness before it is ever SERVING
+            await run_checks(health, checks, config.health_check_timeout)
+        await health.update(started=True)
         if checks:
             self._task(
                 poll_checks(

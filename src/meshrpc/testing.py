@@ -19,7 +19,13 @@ from ._server import Server
 
 __all__ = ["TestServer", "running", "serve"]
 
-TEST_DEFAULTS: dict[str, Any] = {"host": "127.0.0.1", "port": 0, "drain_delay": 0.0, "grace": 5.0, "mesh": "none"}
+TEST_DEFAULTS: dict[str, Any] = {
+    "host": "127.0.0.1",
+    "port": 0,
+    "drain_delay": 0.0,
+    "grace": 5.0,
+    "mesh": "none",
+}
 
 
 @dataclasses.dataclass

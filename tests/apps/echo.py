@@ -1,0 +1,79 @@
+"""A test app with every RPC kind and every way a handler can end."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from collections.abc import AsyncIterator
+from typing import Any
+
+import meshrpc
+from examples._generated.echo import echo_pb2, echo_pb2_grpc
+
+log = logging.getLogger("echo")
+SERVER_ID = f"pid-{os.getpid()}"
+STATUS_ERRORS = {cls.code.name: cls for cls in meshrpc.StatusError.__subclasses__()}
+
+
+async def behave(request: echo_pb2.EchoRequest) -> None:
+    if request.sleep:
+        await asyncio.sleep(request.sleep)
+    if request.fail == "crash":
+        raise RuntimeError("secret internal detail /srv/db password=hunter2")
+    if request.fail:
+        raise STATUS_ERRORS[request.fail](f"asked to fail with {request.fail}")
+
+
+def reply(text: str, index: int = 0) -> echo_pb2.EchoReply:
+    return echo_pb2.EchoReply(text=text, index=index, server=SERVER_ID)
+
+
+class Echo(echo_pb2_grpc.EchoServicer, meshrpc.Service):
+    async def Unary(self, request: echo_pb2.EchoRequest, context: Any) -> echo_pb2.EchoReply:
+        await behave(request)
+        return reply(request.text)
+
+    async def ServerStream(self, request: echo_pb2.EchoRequest, context: Any) -> AsyncIterator[echo_pb2.EchoReply]:
+        for i in range(request.count):
+            if request.text == "until-drain" and self.draining.is_set():
+                return
+            yield reply(request.text, i)
+            if request.sleep:
+                await asyncio.sleep(request.sleep)
+        if request.fail:
+            await behave(echo_pb2.EchoRequest(fail=request.fail))
+
+    async def ClientStream(self, requests: AsyncIterator[echo_pb2.EchoRequest], context: Any) -> echo_pb2.EchoReply:
+        texts = []
+        async for request in requests:
+            await behave(request)
+            texts.append(request.text)
+        return reply(",".join(texts))
+
+    async def BidiStream(
+        self, requests: AsyncIterator[echo_pb2.EchoRequest], context: Any
+    ) -> AsyncIterator[echo_pb2.EchoReply]:
+        i = 0
+        async for request in requests:
+            await behave(request)
+            yield reply(request.text, i)
+            i += 1
+
+
+events: list[str] = []
+
+
+@contextlib.asynccontextmanager
+async def lifespan(app: meshrpc.App) -> AsyncIterator[None]:
+    events.append("startup")
+    log.info("lifespan startup")
+    yield
+    log.info("lifespan shutdown")
+    events.append("shutdown")
+    if os.environ.get("ECHO_FAIL_SHUTDOWN"):
+        raise RuntimeError("shutdown failed on purpose")
+
+
+app = meshrpc.App("echo", services=[Echo()], lifespan=lifespan)

