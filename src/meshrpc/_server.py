@@ -231,7 +231,9 @@ class Server:
     def _add_handlers(self, server: grpc.aio.Server, health: Health) -> list[str]:
         for service in self.app.services:
             handlers = {m.name: method_handler(m, self.middlewares) for m in service.methods}
+            # Registered methods are matched by grpc's core, before any Python lookup.
             server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.name, handlers),))
+            server.add_registered_method_handlers(service.name, handlers)
         health_pb2_grpc.add_HealthServicer_to_server(health.servicer, server)
         names = [*(s.name for s in self.app.services), HEALTH_SERVICE]
         if self.config.reflection:
