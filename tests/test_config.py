@@ -75,3 +75,16 @@ def test_bad_environment_values(env: dict[str, str], message: str) -> None:
 def test_replace_rejects_unknown_settings() -> None:
     with pytest.raises(meshrpc.ConfigError, match="unknown setting"):
         meshrpc.Config().replace(prot=1)
+
+
+def test_configuration_reference_lists_every_setting() -> None:
+    import subprocess
+    import sys
+
+    from tests.helpers import ROOT
+
+    result = subprocess.run([sys.executable, "tools/gendocs.py", "--check"], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    text = (ROOT / "docs" / "configuration.md").read_text()
+    for field in dataclasses.fields(meshrpc.Config):
+        assert f"`MESHRPC_{field.name.upper()}`" in text
