@@ -9,7 +9,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from tests.helpers import envoy, free_port
+from tests.helpers import envoy
 
 
 def grpc_proxy_config(listen_port: int, admin_port: int, upstream_ports: list[int]) -> dict[str, Any]:
@@ -158,4 +158,79 @@ class Envoy:
         self._log.close()
 
 
-__all__ = ["Envoy", "free_port", "grpc_proxy_config"]
+def sidecar_status_config(listen_port: int, admin_port: int) -> dict[str, Any]:
+    """Like Istio's port 15021: GET /healthz/ready answers from Envoy's own readiness (admin /ready)."""
+    return {
+        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin_port}}},
+        "static_resources": {
+            "listeners": [
+                {
+                    "name": "status",
+                    "address": {"socket_address": {"address": "127.0.0.1", "port_value": listen_port}},
+                    "filter_chains": [
+                        {
+                            "filters": [
+                                {
+                                    "name": "envoy.filters.network.http_connection_manager",
+                                    "typed_config": {
+                                        "@type": "type.googleapis.com/envoy.extensions.filters.network."
+                                        "http_connection_manager.v3.HttpConnectionManager",
+                                        "stat_prefix": "status",
+                                        "route_config": {
+                                            "virtual_hosts": [
+                                                {
+                                                    "name": "status",
+                                                    "domains": ["*"],
+                                                    "routes": [
+                                                        {
+                                                            "match": {"path": "/healthz/ready"},
+                                                            "route": {
+                                                                "cluster": "self_admin",
+                                                                "prefix_rewrite": "/ready",
+                                                            },
+                                                        }
+                                                    ],
+                                                }
+                                            ]
+                                        },
+                                        "http_filters": [
+                                            {
+                                                "name": "envoy.filters.http.router",
+                                                "typed_config": {
+                                                    "@type": "type.googleapis.com/"
+                                                    "envoy.extensions.filters.http.router.v3.Router"
+                                                },
+                                            }
+                                        ],
+                                    },
+                                }
+                            ]
+                        }
+                    ],
+                }
+            ],
+            "clusters": [
+                {
+                    "name": "self_admin",
+                    "type": "STATIC",
+                    "connect_timeout": "1s",
+                    "load_assignment": {
+                        "cluster_name": "self_admin",
+                        "endpoints": [
+                            {
+                                "lb_endpoints": [
+                                    {
+                                        "endpoint": {
+                                            "address": {
+                                                "socket_address": {"address": "127.0.0.1", "port_value": admin_port}
+                                            }
+                                        }
+                                    }
+                                ]
+                            }
+                        ],
+                    },
+                }
+            ],
+        },
+    }

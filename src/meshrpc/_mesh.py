@@ -136,7 +136,7 @@ async def wait_for_sidecar(
         now = time.monotonic()
         if now >= deadline:
             raise SidecarNotReady(
-                f"the Istio sidecar was not ready after {timeout:.0f}s: GET {url} "
+                f"the Istio sidecar was not ready after {timeout:g}s: GET {url} "
                 f"was tried {attempts} times, last answer: {last}"
             )
         if now >= next_log:

@@ -26,14 +26,14 @@ async def behave(request: echo_pb2.EchoRequest) -> None:
         raise STATUS_ERRORS[request.fail](f"asked to fail with {request.fail}")
 
 
-def reply(text: str, index: int = 0) -> echo_pb2.EchoReply:
-    return echo_pb2.EchoReply(text=text, index=index, server=SERVER_ID)
+def reply(text: str, index: int = 0, peer: str = "") -> echo_pb2.EchoReply:
+    return echo_pb2.EchoReply(text=text, index=index, server=SERVER_ID, peer=peer)
 
 
 class Echo(echo_pb2_grpc.EchoServicer, meshrpc.Service):
     async def Unary(self, request: echo_pb2.EchoRequest, context: Any) -> echo_pb2.EchoReply:
         await behave(request)
-        return reply(request.text)
+        return reply(request.text, peer=context.peer())
 
     async def ServerStream(self, request: echo_pb2.EchoRequest, context: Any) -> AsyncIterator[echo_pb2.EchoReply]:
         for i in range(request.count):

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0f\x65\x63ho/echo.proto\x12\x04\x65\x63ho\"G\n\x0b\x45\x63hoRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\r\n\x05\x63ount\x18\x02 \x01(\x05\x12\r\n\x05sleep\x18\x03 \x01(\x01\x12\x0c\n\x04\x66\x61il\x18\x04 \x01(\t\"8\n\tEchoReply\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\x05\x12\x0e\n\x06server\x18\x03 \x01(\t2\x84\x02\n\x04\x45\x63ho\x12+\n\x05Unary\x12\x11.echo.EchoRequest\x1a\x0f.echo.EchoReply\x12\x34\n\x0cServerStream\x12\x11.echo.EchoRequest\x1a\x0f.echo.EchoReply0\x01\x12\x34\n\x0c\x43lientStream\x12\x11.echo.EchoRequest\x1a\x0f.echo.EchoReply(\x01\x12\x34\n\nBidiStream\x12\x11.echo.EchoRequest\x1a\x0f.echo.EchoReply(\x01\x30\x01\x12-\n\x07Missing\x12\x11.echo.EchoRequest\x1a\x0f.echo.EchoReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0f\x65\x63ho/echo.proto\x12\x04\x65\x63ho\"G\n\x0b\x45\x63hoRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\r\n\x05\x63ount\x18\x02 \x01(\x05\x12\r\n\x05sleep\x18\x03 \x01(\x01\x12\x0c\n\x04\x66\x61il\x18\x04 \x01(\t\"F\n\tEchoReply\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\x05\x12\x0e\n\x06server\x18\x03 \x01(\t\x12\x0c\n\x04peer\x18\x04 \x01(\t2\x84\x02\n\x04\x45\x63ho\x12+\n\x05Unary\x12\x11.echo.EchoRequest\x1a\x0f.echo.EchoReply\x12\x34\n\x0cServerStream\x12\x11.echo.EchoRequest\x1a\x0f.echo.EchoReply0\x01\x12\x34\n\x0c\x43lientStream\x12\x11.echo.EchoRequest\x1a\x0f.echo.EchoReply(\x01\x12\x34\n\nBidiStream\x12\x11.echo.EchoRequest\x1a\x0f.echo.EchoReply(\x01\x30\x01\x12-\n\x07Missing\x12\x11.echo.EchoRequest\x1a\x0f.echo.EchoReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,7 +35,7 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ECHOREQUEST']._serialized_start=25
   _globals['_ECHOREQUEST']._serialized_end=96
   _globals['_ECHOREPLY']._serialized_start=98
-  _globals['_ECHOREPLY']._serialized_end=154
-  _globals['_ECHO']._serialized_start=157
-  _globals['_ECHO']._serialized_end=417
+  _globals['_ECHOREPLY']._serialized_end=168
+  _globals['_ECHO']._serialized_start=171
+  _globals['_ECHO']._serialized_end=431
 # @@protoc_insertion_point(module_scope)

@@ -56,19 +56,23 @@ class EchoReply(_message.Message):
     TEXT_FIELD_NUMBER: _builtins.int
     INDEX_FIELD_NUMBER: _builtins.int
     SERVER_FIELD_NUMBER: _builtins.int
+    PEER_FIELD_NUMBER: _builtins.int
     text: _builtins.str
     index: _builtins.int
     server: _builtins.str
+    peer: _builtins.str
+    """The client's address as the server saw it (changes when the client reconnects)."""
     def __init__(
         self,
         *,
         text: _builtins.str = ...,
         index: _builtins.int = ...,
         server: _builtins.str = ...,
+        peer: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["index", b"index", "server", b"server", "text", b"text"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["index", b"index", "peer", b"peer", "server", b"server", "text", b"text"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
