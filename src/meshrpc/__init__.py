@@ -30,8 +30,10 @@ from ._errors import (
     Unimplemented,
 )
 from ._mesh import SidecarNotReady, quit_sidecar, wait_for_sidecar
+from ._outbound import OutboundInterceptor, outgoing_metadata
 from ._routing import RouteOptions, route
 from ._service import Service
+from ._telemetry import TraceContextFilter
 from ._version import __version__
 
 __all__ = [
@@ -52,16 +54,19 @@ __all__ = [
     "MeshrpcError",
     "NotFound",
     "OutOfRange",
+    "OutboundInterceptor",
     "PermissionDenied",
     "ResourceExhausted",
     "RouteOptions",
     "Service",
     "SidecarNotReady",
     "StatusError",
+    "TraceContextFilter",
     "Unauthenticated",
     "Unavailable",
     "Unimplemented",
     "__version__",
+    "outgoing_metadata",
     "quit_sidecar",
     "route",
     "wait_for_sidecar",

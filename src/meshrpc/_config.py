@@ -20,6 +20,7 @@ ENV_PREFIX = "MESHRPC_"
 MeshMode = Literal["auto", "istio-sidecar", "ambient", "none"]
 MESH_MODES: tuple[str, ...] = typing.get_args(MeshMode)
 LOG_LEVELS = ("debug", "info", "warning", "error")
+ACCESS_LOG_FORMATS = ("off", "text", "json")
 MiB = 1024 * 1024
 
 
@@ -77,6 +78,12 @@ class Config:
         "Seconds before a client connection is asked to reconnect. Unset: 300, off with a sidecar.",
     )
     max_connection_age_grace: float = _setting(30.0, "Seconds a connection past its age gets for its in-flight RPCs.")
+    telemetry: bool = _setting(
+        True, "Trace and measure every RPC when an OpenTelemetry SDK is configured (free when none is)."
+    )
+    otel_sdk: bool = _setting(False, "Set up the OpenTelemetry SDK from the OTEL_* variables (needs the 'otel' extra).")
+    access_log: str = _setting("off", "One log line per RPC: off, text or json.")
+    access_log_sample_rate: float = _setting(1.0, "Fraction of RPCs the access log writes (0..1).")
     log_level: str = _setting("info", "Log level: debug, info, warning or error.")
 
     def __post_init__(self) -> None:
@@ -129,6 +136,16 @@ class Config:
             self.log_level in LOG_LEVELS,
             "log_level",
             f"must be one of {', '.join(LOG_LEVELS)}, got {self.log_level!r}",
+        )
+        _require(
+            self.access_log in ACCESS_LOG_FORMATS,
+            "access_log",
+            f"must be one of {', '.join(ACCESS_LOG_FORMATS)}, got {self.access_log!r}",
+        )
+        _require(
+            0.0 <= self.access_log_sample_rate <= 1.0,
+            "access_log_sample_rate",
+            f"must be 0..1, got {self.access_log_sample_rate}",
         )
         for name in ("sidecar_ready_url", "sidecar_quit_url"):
             value = getattr(self, name)

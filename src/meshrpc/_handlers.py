@@ -16,6 +16,7 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from ._errors import StatusError
+from ._rpc_context import current_rpc
 from ._service import MethodSpec, RpcKind
 
 logger = logging.getLogger("meshrpc.handlers")
@@ -75,11 +76,14 @@ async def _checked(requests: AsyncIterator[Any], context: grpc.aio.ServicerConte
 def _wrap(spec: MethodSpec, impl: Handler) -> Handler:
     kind = spec.kind
     abort_error = grpc.aio.AbortError
+    # Each RPC runs in its own task: setting the variable needs no reset.
+    enter = current_rpc.set
     invalid = grpc.StatusCode.INVALID_ARGUMENT
 
     if kind is RpcKind.UNARY_UNARY:
 
         async def unary_unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            enter(context)
             if request.__class__ is _Malformed:
                 await context.abort(invalid, request.reason)
             try:
@@ -94,6 +98,7 @@ def _wrap(spec: MethodSpec, impl: Handler) -> Handler:
     if kind is RpcKind.STREAM_UNARY:
 
         async def stream_unary(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            enter(context)
             try:
                 return await impl(_checked(requests, context), context)
             except abort_error:
@@ -109,6 +114,7 @@ def _wrap(spec: MethodSpec, impl: Handler) -> Handler:
     if inspect.isasyncgenfunction(impl):
 
         async def streaming(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
+            enter(context)
             if request.__class__ is _Malformed:
                 await context.abort(invalid, request.reason)
             try:
@@ -123,6 +129,7 @@ def _wrap(spec: MethodSpec, impl: Handler) -> Handler:
 
     # A coroutine that writes its replies with context.write().
     async def writing(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        enter(context)
         if request.__class__ is _Malformed:
             await context.abort(invalid, request.reason)
         try:
@@ -146,11 +153,19 @@ _FACTORIES = {
 
 
 def method_handler(spec: MethodSpec, middlewares: tuple[Middleware, ...] = ()) -> grpc.RpcMethodHandler[Any, Any]:
-    """The grpc handler for ``spec``: the user's method inside meshrpc's wrappers."""
-    handler = _wrap(spec, spec.impl) if spec.impl is not None else _unimplemented(spec)
-    # Outermost last: a middleware sees the status the error mapping produced.
-    for middleware in middlewares:
-        handler = middleware(spec, handler)
+    """The grpc handler for ``spec``: the user's method inside meshrpc's wrappers.
+
+    Middlewares wrap the user's method inside the error mapping, so they see the
+    exceptions it raises; each must keep the method's shape (coroutine function or
+    async generator function).
+    """
+    if spec.impl is None:
+        handler = _unimplemented(spec)
+    else:
+        impl = spec.impl
+        for middleware in middlewares:
+            impl = middleware(spec, impl)
+        handler = _wrap(spec, impl)
     factory: Any = _FACTORIES[spec.kind]
     result: grpc.RpcMethodHandler[Any, Any] = factory(
         handler,

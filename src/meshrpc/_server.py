@@ -16,9 +16,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import threading
-from collections.abc import Coroutine, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from contextlib import AbstractAsyncContextManager
 from types import FrameType
 from typing import TYPE_CHECKING, Any
@@ -31,7 +32,10 @@ from ._config import Config
 from ._errors import AppError, BindError
 from ._handlers import Middleware, method_handler
 from ._health import HEALTH_SERVICE, Health, poll_checks, run_checks
+from ._otel_setup import configure_sdk
+from ._otel_setup import flush as flush_telemetry
 from ._reflection import add_reflection
+from ._telemetry import Telemetry, observer, sdk_configured
 
 if TYPE_CHECKING:
     from ._app import App
@@ -58,6 +62,7 @@ class Server:
         self._sidecar: asyncio.Task[None] | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._lifespan: AbstractAsyncContextManager[Any] | None = None
+        self._otel_shutdown: Callable[[], None] | None = None
 
     # -- control -------------------------------------------------------------
 
@@ -152,6 +157,10 @@ class Server:
                 "(another server on this port? set reuse_port to share it on purpose)"
             ) from None
 
+        if config.otel_sdk:
+            # OTEL_* are the SDK's own standard variables; the SDK reads some of them itself.
+            self._otel_shutdown = configure_sdk(app.name, os.environ)
+
         if app.lifespan is not None:
             lifespan = app.lifespan(app)
             try:
@@ -204,6 +213,10 @@ class Server:
             except Exception:
                 logger.exception("lifespan shutdown of app %s failed", self.app.name)
                 self.exit_code = 1
+        flush_telemetry()
+        if self._otel_shutdown is not None:
+            self._otel_shutdown()
+            self._otel_shutdown = None
 
     def _options(self) -> list[tuple[str, Any]]:
         config = self.config
@@ -228,9 +241,26 @@ class Server:
             )
         return options
 
+    def _telemetry_middlewares(self) -> tuple[Middleware, ...]:
+        config = self.config
+        tracing, metering = sdk_configured() if config.telemetry else (False, False)
+        telemetry = Telemetry(
+            tracing=tracing,
+            metrics=metering,
+            access_log=config.access_log,
+            access_log_sample_rate=config.access_log_sample_rate,
+            server_address=config.host.strip("[]"),
+            server_port=self.port or config.port,
+        )
+        logger.debug("telemetry: tracing %s, metrics %s, access log %s", tracing, metering, config.access_log)
+        if not telemetry.enabled:
+            return ()  # nothing wraps the handlers: no cost at all
+        return (observer(telemetry, [m for s in self.app.services for m in s.methods]),)
+
     def _add_handlers(self, server: grpc.aio.Server, health: Health) -> list[str]:
+        middlewares = (*self.middlewares, *self._telemetry_middlewares())
         for service in self.app.services:
-            handlers = {m.name: method_handler(m, self.middlewares) for m in service.methods}
+            handlers = {m.name: method_handler(m, middlewares) for m in service.methods}
             # Registered methods are matched by grpc's core, before any Python lookup.
             server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.name, handlers),))
             server.add_registered_method_handlers(service.name, handlers)

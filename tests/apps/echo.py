@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 from collections.abc import AsyncIterator
@@ -33,6 +34,13 @@ def reply(text: str, index: int = 0, peer: str = "") -> echo_pb2.EchoReply:
 class Echo(echo_pb2_grpc.EchoServicer, meshrpc.Service):
     async def Unary(self, request: echo_pb2.EchoRequest, context: Any) -> echo_pb2.EchoReply:
         await behave(request)
+        if request.text == "log":
+            log.warning("handling a logged call")
+        if request.text == "metadata":  # what the caller sent, for propagation tests
+            sent = {k: v for k, v in context.invocation_metadata() if isinstance(v, str)}
+            return reply(json.dumps(sent, sort_keys=True))
+        if request.text == "deadline":
+            return reply(f"{context.time_remaining():.3f}")
         return reply(request.text, peer=context.peer())
 
     async def ServerStream(self, request: echo_pb2.EchoRequest, context: Any) -> AsyncIterator[echo_pb2.EchoReply]:

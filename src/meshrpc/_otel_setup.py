@@ -1,0 +1,80 @@
+"""Set up the OpenTelemetry SDK from the standard OTEL_* variables, when asked (``otel_sdk``).
+
+The SDK and exporters are the optional ``otel`` extra; this module imports them
+only when called.  Exporters are found by name through the entry points the SDK
+and the exporter packages register (``otlp``, ``console``, ``none``), as the
+OpenTelemetry distro does.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from ._errors import ConfigError
+
+logger = logging.getLogger("meshrpc.telemetry")
+
+
+def _exporters(group: str, names: str) -> list[Any]:
+    from importlib.metadata import entry_points
+
+    found = []
+    for name in (n.strip() for n in names.split(",")):
+        if not name or name == "none":
+            continue
+        matches = list(entry_points(group=group, name=name))
+        if not matches:
+            raise ConfigError(
+                f"OpenTelemetry exporter {name!r} ({group}) is not installed: pip install 'meshrpc[otel]'"
+            )
+        found.append(matches[0].load()())
+    return found
+
+
+def configure_sdk(service_name: str, environ: Mapping[str, str]) -> Callable[[], None]:
+    """Install tracer and meter providers; return the function that flushes and shuts them down."""
+    try:
+        from opentelemetry import metrics, trace
+        from opentelemetry.sdk.metrics import MeterProvider
+        from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
+        from opentelemetry.sdk.resources import SERVICE_NAME, Resource
+        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace.export import BatchSpanProcessor
+    except ImportError:
+        raise ConfigError("otel_sdk needs the OpenTelemetry SDK: pip install 'meshrpc[otel]'") from None
+
+    resource = Resource.create()  # reads OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES
+    if str(resource.attributes.get(SERVICE_NAME, "")).startswith("unknown_service"):
+        resource = resource.merge(Resource({SERVICE_NAME: service_name}))
+    tracer_provider = TracerProvider(resource=resource)  # sampler from OTEL_TRACES_SAMPLER
+    for exporter in _exporters("opentelemetry_traces_exporter", environ.get("OTEL_TRACES_EXPORTER", "otlp")):
+        tracer_provider.add_span_processor(BatchSpanProcessor(exporter))
+    readers = [
+        PeriodicExportingMetricReader(exporter)
+        for exporter in _exporters("opentelemetry_metrics_exporter", environ.get("OTEL_METRICS_EXPORTER", "otlp"))
+    ]
+    meter_provider = MeterProvider(resource=resource, metric_readers=readers)
+    trace.set_tracer_provider(tracer_provider)
+    metrics.set_meter_provider(meter_provider)
+    logger.info("OpenTelemetry SDK set up for service %s", resource.attributes.get(SERVICE_NAME))
+
+    def shutdown() -> None:
+        tracer_provider.shutdown()
+        meter_provider.shutdown()
+
+    return shutdown
+
+
+def flush() -> None:
+    """Flush whatever providers are installed, so the last spans of a stopping pod are not lost."""
+    from opentelemetry import metrics, trace
+
+    for provider in (trace.get_tracer_provider(), metrics.get_meter_provider()):
+        force_flush = getattr(provider, "force_flush", None)
+        if callable(force_flush):
+            try:
+                force_flush()
+            except Exception:
+                logger.exception("flushing telemetry failed")

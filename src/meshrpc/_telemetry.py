@@ -1,0 +1,299 @@
+"""OpenTelemetry for every RPC: a server span, RPC metrics and an access log line.
+
+All three are decided once, when the server composes its handlers: with no SDK
+configured (the API's proxy providers) and the access log off, no wrapper is
+added at all, so telemetry costs nothing.  Span and metric names follow the RPC
+semantic conventions as the OpenTelemetry gRPC instrumentations emit them
+(``rpc.system``, ``rpc.service``, ``rpc.method``, ``rpc.grpc.status_code``,
+``rpc.server.duration`` in ms).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import inspect
+import json
+import logging
+import random
+import time
+from collections.abc import AsyncIterator, Callable, Mapping
+from typing import Any
+
+import grpc
+from opentelemetry import context as otel_context
+from opentelemetry import metrics, propagate, trace
+from opentelemetry.propagators.textmap import Getter
+from opentelemetry.trace import SpanKind, Status, StatusCode
+
+from ._errors import StatusError
+from ._rpc_context import incoming_metadata
+from ._service import MethodSpec, RpcKind
+from ._version import __version__
+
+access_logger = logging.getLogger("meshrpc.access")
+Handler = Callable[..., Any]
+
+# Server spans are errors for these codes only; the rest are the client's business.
+ERROR_CODES = frozenset(
+    {
+        grpc.StatusCode.UNKNOWN,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.UNIMPLEMENTED,
+        grpc.StatusCode.INTERNAL,
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.DATA_LOSS,
+    }
+)
+
+
+class _MetadataGetter(Getter[Mapping[str, str]]):
+    def get(self, carrier: Mapping[str, str], key: str) -> list[str] | None:
+        value = carrier.get(key)
+        return [value] if value is not None else None
+
+    def keys(self, carrier: Mapping[str, str]) -> list[str]:
+        return list(carrier)
+
+
+_GETTER = _MetadataGetter()
+
+
+def sdk_configured() -> tuple[bool, bool]:
+    """Whether a real tracer provider and a real meter provider are installed (not the API's proxies)."""
+    tracer_provider = trace.get_tracer_provider()
+    tracing = not isinstance(tracer_provider, (trace.ProxyTracerProvider, trace.NoOpTracerProvider))
+    meter_provider = metrics.get_meter_provider()
+    metering = type(meter_provider).__name__ not in ("_ProxyMeterProvider", "NoOpMeterProvider")
+    return tracing, metering
+
+
+@dataclasses.dataclass(frozen=True)
+class Telemetry:
+    """What to observe, decided once at startup."""
+
+    tracing: bool
+    metrics: bool
+    access_log: str  # "off", "text" or "json"
+    access_log_sample_rate: float
+    server_address: str
+    server_port: int
+
+    @property
+    def enabled(self) -> bool:
+        return self.tracing or self.metrics or self.access_log != "off"
+
+
+class _Instruments:
+    def __init__(self) -> None:
+        meter = metrics.get_meter("meshrpc", __version__)
+        self.duration = meter.create_histogram(
+            "rpc.server.duration", unit="ms", description="Measures the duration of inbound RPC."
+        )
+        self.active = meter.create_up_down_counter(
+            "rpc.server.active_requests", unit="{request}", description="RPCs being served now."
+        )
+        self.requests_per_rpc = meter.create_histogram(
+            "rpc.server.requests_per_rpc", unit="{count}", description="Messages received per streaming RPC."
+        )
+        self.responses_per_rpc = meter.create_histogram(
+            "rpc.server.responses_per_rpc", unit="{count}", description="Messages sent per streaming RPC."
+        )
+
+
+def _peer_address(peer: str) -> tuple[str, int | None]:
+    # grpc's peer strings: "ipv4:127.0.0.1:5555", "ipv6:[::1]:5555", "unix:/path"
+    kind, _, rest = peer.partition(":")
+    if kind in ("ipv4", "ipv6"):
+        host, _, port = rest.rpartition(":")
+        return host.strip("[]"), int(port) if port.isdigit() else None
+    return rest or peer, None
+
+
+def _final_code(context: grpc.aio.ServicerContext[Any, Any], exc: BaseException | None) -> grpc.StatusCode:
+    if exc is None:
+        code = context.code()
+        return code if isinstance(code, grpc.StatusCode) else grpc.StatusCode.OK
+    if isinstance(exc, StatusError):
+        return exc.code
+    if isinstance(exc, grpc.aio.AbortError):
+        code = context.code()
+        return code if isinstance(code, grpc.StatusCode) else grpc.StatusCode.UNKNOWN
+    if isinstance(exc, asyncio.CancelledError):
+        remaining = context.time_remaining()
+        expired = remaining is not None and remaining <= 0
+        return grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
+    return grpc.StatusCode.INTERNAL
+
+
+class _Observation:
+    """One RPC's telemetry: started before the handler, finished after it."""
+
+    __slots__ = ("attrs", "context", "received", "sent", "span", "spec", "start", "telemetry", "tools")
+
+    def __init__(self, tools: _Tools, spec: MethodSpec, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        self.tools = tools
+        self.spec = spec
+        self.context = context
+        self.start = time.perf_counter()
+        self.received = 0
+        self.sent = 0
+        self.span: trace.Span | None = None
+        if tools.tracer is not None:
+            metadata = {k: v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
+            parent = propagate.extract(metadata, getter=_GETTER)
+            self.span = span = tools.tracer.start_span(
+                tools.span_names[spec.path], context=parent, kind=SpanKind.SERVER, attributes=tools.attrs[spec.path]
+            )
+            if span.is_recording():
+                host, port = _peer_address(context.peer() or "")
+                span.set_attribute("client.address", host)
+                if port is not None:
+                    span.set_attribute("client.port", port)
+        if tools.instruments is not None:
+            tools.instruments.active.add(1, tools.metric_attrs[spec.path])
+
+    def finish(self, exc: BaseException | None) -> None:
+        tools, spec = self.tools, self.spec
+        code = _final_code(self.context, exc)
+        elapsed_ms = (time.perf_counter() - self.start) * 1000
+        span = self.span
+        if span is not None:
+            span.set_attribute("rpc.grpc.status_code", code.value[0])
+            if code in ERROR_CODES:
+                if exc is not None and not isinstance(exc, (StatusError, grpc.aio.AbortError, asyncio.CancelledError)):
+                    span.record_exception(exc)
+                details = exc.message if isinstance(exc, StatusError) else self.context.details()
+                span.set_status(Status(StatusCode.ERROR, f"{code.name}: {details}" if details else code.name))
+            span.end()
+        instruments = tools.instruments
+        if instruments is not None:
+            attrs = {**tools.metric_attrs[spec.path], "rpc.grpc.status_code": code.value[0]}
+            instruments.duration.record(elapsed_ms, attrs)
+            instruments.active.add(-1, tools.metric_attrs[spec.path])
+            if spec.kind in (RpcKind.STREAM_UNARY, RpcKind.STREAM_STREAM):
+                instruments.requests_per_rpc.record(self.received, attrs)
+            if spec.kind in (RpcKind.UNARY_STREAM, RpcKind.STREAM_STREAM):
+                instruments.responses_per_rpc.record(self.sent, attrs)
+        if tools.access_log != "off" and (tools.sample_rate >= 1.0 or random.random() < tools.sample_rate):
+            self._access_log(code, elapsed_ms)
+
+    def _access_log(self, code: grpc.StatusCode, elapsed_ms: float) -> None:
+        span_context = self.span.get_span_context() if self.span is not None else None
+        trace_id = f"{span_context.trace_id:032x}" if span_context and span_context.is_valid else ""
+        record = {
+            "method": self.spec.path,
+            "status": code.name,
+            "duration_ms": round(elapsed_ms, 3),
+            "peer": self.context.peer(),
+            "trace_id": trace_id,
+        }
+        if self.tools.access_log == "json":
+            access_logger.info(json.dumps(record, separators=(",", ":")))
+        else:
+            access_logger.info(" ".join(f"{k}={v}" for k, v in record.items() if v != ""))
+
+
+class _Tools:
+    """Per-server telemetry objects, built once."""
+
+    def __init__(self, telemetry: Telemetry, specs: list[MethodSpec]) -> None:
+        self.tracer = trace.get_tracer("meshrpc", __version__) if telemetry.tracing else None
+        self.instruments = _Instruments() if telemetry.metrics else None
+        self.access_log = telemetry.access_log
+        self.sample_rate = telemetry.access_log_sample_rate
+        self.span_names: dict[str, str] = {}
+        self.attrs: dict[str, dict[str, Any]] = {}
+        self.metric_attrs: dict[str, dict[str, Any]] = {}
+        for spec in specs:
+            key = spec.path
+            self.span_names[key] = f"{spec.service}/{spec.name}"
+            base = {"rpc.system": "grpc", "rpc.service": spec.service, "rpc.method": spec.name}
+            self.metric_attrs[key] = base
+            self.attrs[key] = {
+                **base,
+                "server.address": telemetry.server_address,
+                "server.port": telemetry.server_port,
+            }
+
+
+def observer(telemetry: Telemetry, specs: list[MethodSpec]) -> Callable[[MethodSpec, Handler], Handler]:
+    """A middleware that observes each RPC as ``telemetry`` asks; keeps the handler's shape."""
+    tools = _Tools(telemetry, specs)
+
+    def middleware(spec: MethodSpec, impl: Handler) -> Handler:
+        observe = _Observation
+        counts_requests = tools.instruments is not None and spec.kind in (RpcKind.STREAM_UNARY, RpcKind.STREAM_STREAM)
+
+        def counted(requests: AsyncIterator[Any], obs: _Observation) -> AsyncIterator[Any]:
+            async def gen() -> AsyncIterator[Any]:
+                async for request in requests:
+                    obs.received += 1
+                    yield request
+
+            return gen()
+
+        if inspect.isasyncgenfunction(impl):
+
+            async def observed_stream(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
+                obs = observe(tools, spec, context)
+                error: BaseException | None = None
+                span = obs.span
+                token = otel_context.attach(trace.set_span_in_context(span)) if span is not None else None
+                try:
+                    async for reply in impl(counted(request, obs) if counts_requests else request, context):
+                        obs.sent += 1
+                        yield reply
+                except BaseException as exc:
+                    error = exc
+                    raise
+                finally:
+                    if token is not None:
+                        otel_context.detach(token)
+                    obs.finish(error)
+
+            return observed_stream
+
+        async def observed(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            obs = observe(tools, spec, context)
+            error: BaseException | None = None
+            span = obs.span
+            token = otel_context.attach(trace.set_span_in_context(span)) if span is not None else None
+            try:
+                return await impl(counted(request, obs) if counts_requests else request, context)
+            except BaseException as exc:
+                error = exc
+                raise
+            finally:
+                if token is not None:
+                    otel_context.detach(token)
+                obs.finish(error)
+
+        return observed
+
+    return middleware
+
+
+def _incoming_trace_id() -> str:
+    metadata = incoming_metadata()
+    traceparent = metadata.get("traceparent", "")
+    if traceparent.count("-") == 3:
+        return traceparent.split("-")[1]
+    b3 = metadata.get("x-b3-traceid") or metadata.get("b3", "").split("-")[0]
+    return b3
+
+
+class TraceContextFilter(logging.Filter):
+    """Adds ``trace_id`` (and ``trace``: `` trace_id=...`` or empty) to log records.
+
+    The id is the current span's; with no SDK configured, the incoming RPC's
+    ``traceparent`` or B3 trace id, so log lines still match the mesh's traces.
+    Attach it to a handler and use ``%(trace)s`` or ``%(trace_id)s`` in its format.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        span_context = trace.get_current_span().get_span_context()
+        trace_id = f"{span_context.trace_id:032x}" if span_context.is_valid else _incoming_trace_id()
+        record.trace_id = trace_id
+        record.trace = f" trace_id={trace_id}" if trace_id else ""
+        return True

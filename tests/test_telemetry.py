@@ -1,0 +1,292 @@
+"""OpenTelemetry spans and metrics, propagation, access log and trace ids in logs."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import signal
+from collections.abc import Iterator
+from typing import Any
+
+import grpc
+import pytest
+from opentelemetry import metrics, propagate, trace
+from opentelemetry.propagators.b3 import B3MultiFormat
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind, StatusCode
+from opentelemetry.util._once import Once
+
+import meshrpc
+from examples._generated.echo import echo_pb2, echo_pb2_grpc
+from examples._generated.helloworld import helloworld_pb2, helloworld_pb2_grpc
+from meshrpc import testing
+from tests.apps.echo import app
+from tests.helpers import Served
+
+TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
+PARENT_ID = "00f067aa0ba902b7"
+
+
+def _reset_globals() -> None:
+    # What OpenTelemetry's own test utilities do: providers can be set once per process.
+    trace._TRACER_PROVIDER_SET_ONCE = Once()  # type: ignore[attr-defined]
+    trace._TRACER_PROVIDER = None  # type: ignore[attr-defined]
+    import opentelemetry.metrics._internal as metrics_internal
+
+    metrics_internal._METER_PROVIDER_SET_ONCE = Once()
+    metrics_internal._METER_PROVIDER = None
+
+
+class Otel:
+    def __init__(self) -> None:
+        self.spans = InMemorySpanExporter()
+        provider = TracerProvider()
+        provider.add_span_processor(SimpleSpanProcessor(self.spans))
+        self.reader = InMemoryMetricReader()
+        trace.set_tracer_provider(provider)
+        metrics.set_meter_provider(MeterProvider(metric_readers=[self.reader]))
+
+    def finished(self, name: str) -> list[ReadableSpan]:
+        return [s for s in self.spans.get_finished_spans() if s.name == name]
+
+    def points(self, metric_name: str) -> list[Any]:
+        data = self.reader.get_metrics_data()
+        found = []
+        for resource in data.resource_metrics if data else ():
+            for scope in resource.scope_metrics:
+                for metric in scope.metrics:
+                    if metric.name == metric_name:
+                        found.extend(metric.data.data_points)
+        return found
+
+
+@pytest.fixture
+def otel() -> Iterator[Otel]:
+    _reset_globals()
+    try:
+        yield Otel()
+    finally:
+        _reset_globals()
+
+
+async def test_no_sdk_means_no_wrapper_at_all() -> None:
+    _reset_globals()
+    async with testing.running(app) as server:
+        assert server.server._telemetry_middlewares() == ()
+
+
+async def test_unary_span_follows_the_rpc_conventions(otel: Otel) -> None:
+    async with testing.running(app) as server:
+        await echo_pb2_grpc.EchoStub(server.channel).Unary(echo_pb2.EchoRequest(text="hi"))
+        port = server.port
+    (span,) = otel.finished("echo.Echo/Unary")
+    assert span.kind is SpanKind.SERVER
+    assert dict(span.attributes or {}) | {"client.port": 0} == {
+        "rpc.system": "grpc",
+        "rpc.service": "echo.Echo",
+        "rpc.method": "Unary",
+        "rpc.grpc.status_code": 0,
+        "server.address": "127.0.0.1",
+        "server.port": port,
+        "client.address": "127.0.0.1",
+        "client.port": 0,
+    }
+    assert span.status.status_code is StatusCode.UNSET
+
+
+async def test_status_of_failed_and_cancelled_rpcs(otel: Otel) -> None:
+    async with testing.running(app) as server:
+        stub = echo_pb2_grpc.EchoStub(server.channel)
+        with pytest.raises(grpc.aio.AioRpcError):
+            await stub.Unary(echo_pb2.EchoRequest(fail="NOT_FOUND"))
+        with pytest.raises(grpc.aio.AioRpcError):
+            await stub.Unary(echo_pb2.EchoRequest(fail="crash"))
+        call = stub.Unary(echo_pb2.EchoRequest(sleep=5))
+        await asyncio.sleep(0.2)
+        call.cancel()
+        for _ in range(50):
+            if len(otel.finished("echo.Echo/Unary")) == 3:
+                break
+            await asyncio.sleep(0.02)
+    not_found, crash, cancelled = sorted(otel.finished("echo.Echo/Unary"), key=lambda s: s.start_time or 0)
+    assert not_found.attributes["rpc.grpc.status_code"] == grpc.StatusCode.NOT_FOUND.value[0]  # type: ignore[index]
+    assert not_found.status.status_code is StatusCode.UNSET  # the client's problem, not the server's
+    assert crash.attributes["rpc.grpc.status_code"] == grpc.StatusCode.INTERNAL.value[0]  # type: ignore[index]
+    assert crash.status.status_code is StatusCode.ERROR
+    assert [e.name for e in crash.events] == ["exception"]
+    assert "hunter2" in str(crash.events[0].attributes)  # the exception is in the trace, not the reply
+    assert cancelled.attributes["rpc.grpc.status_code"] == grpc.StatusCode.CANCELLED.value[0]  # type: ignore[index]
+
+
+async def test_parent_from_incoming_traceparent(otel: Otel) -> None:
+    async with testing.running(app) as server:
+        await echo_pb2_grpc.EchoStub(server.channel).Unary(
+            echo_pb2.EchoRequest(text="x"), metadata=(("traceparent", f"00-{TRACE_ID}-{PARENT_ID}-01"),)
+        )
+    (span,) = otel.finished("echo.Echo/Unary")
+    assert f"{span.context.trace_id:032x}" == TRACE_ID
+    assert span.parent is not None and f"{span.parent.span_id:016x}" == PARENT_ID and span.parent.is_remote
+
+
+async def test_parent_from_b3_when_configured(otel: Otel) -> None:
+    previous = propagate.get_global_textmap()
+    propagate.set_global_textmap(B3MultiFormat())  # what OTEL_PROPAGATORS=b3multi selects
+    try:
+        async with testing.running(app) as server:
+            await echo_pb2_grpc.EchoStub(server.channel).Unary(
+                echo_pb2.EchoRequest(text="x"),
+                metadata=(("x-b3-traceid", TRACE_ID), ("x-b3-spanid", PARENT_ID), ("x-b3-sampled", "1")),
+            )
+    finally:
+        propagate.set_global_textmap(previous)
+    (span,) = otel.finished("echo.Echo/Unary")
+    assert f"{span.context.trace_id:032x}" == TRACE_ID
+    assert span.parent is not None and f"{span.parent.span_id:016x}" == PARENT_ID
+
+
+async def test_streaming_spans_cover_the_whole_stream(otel: Otel) -> None:
+    async with testing.running(app) as server:
+        stub = echo_pb2_grpc.EchoStub(server.channel)
+        assert len([r async for r in stub.ServerStream(echo_pb2.EchoRequest(count=3, sleep=0.1))]) == 3
+
+        async def requests():  # type: ignore[no-untyped-def]
+            for text in "abcd":
+                yield echo_pb2.EchoRequest(text=text)
+
+        assert len([r async for r in stub.BidiStream(requests())]) == 4
+        assert (await stub.ClientStream(requests())).text == "a,b,c,d"
+    (server_stream,) = otel.finished("echo.Echo/ServerStream")
+    assert (server_stream.end_time or 0) - (server_stream.start_time or 0) >= 0.25e9
+    assert server_stream.attributes["rpc.grpc.status_code"] == 0  # type: ignore[index]
+    assert len(otel.finished("echo.Echo/BidiStream")) == 1 and len(otel.finished("echo.Echo/ClientStream")) == 1
+    responses = {p.attributes["rpc.method"]: p.sum for p in otel.points("rpc.server.responses_per_rpc")}
+    requests_in = {p.attributes["rpc.method"]: p.sum for p in otel.points("rpc.server.requests_per_rpc")}
+    assert responses == {"ServerStream": 3, "BidiStream": 4}
+    assert requests_in == {"BidiStream": 4, "ClientStream": 4}
+
+
+async def test_duration_and_in_flight_metrics(otel: Otel) -> None:
+    async with testing.running(app) as server:
+        stub = echo_pb2_grpc.EchoStub(server.channel)
+        for _ in range(3):
+            await stub.Unary(echo_pb2.EchoRequest(text="x"))
+        with pytest.raises(grpc.aio.AioRpcError):
+            await stub.Unary(echo_pb2.EchoRequest(fail="UNAVAILABLE"))
+    durations = {
+        (p.attributes["rpc.method"], p.attributes["rpc.grpc.status_code"]): p.count
+        for p in otel.points("rpc.server.duration")
+    }
+    assert durations == {("Unary", 0): 3, ("Unary", grpc.StatusCode.UNAVAILABLE.value[0]): 1}
+    point = next(p for p in otel.points("rpc.server.duration") if p.attributes["rpc.grpc.status_code"] == 0)
+    assert point.attributes["rpc.system"] == "grpc" and point.attributes["rpc.service"] == "echo.Echo"
+    (active,) = otel.points("rpc.server.active_requests")
+    assert active.value == 0  # back to zero once everything finished
+
+
+class Front(helloworld_pb2_grpc.GreeterServicer):
+    """Calls the echo service while serving: the outbound side of propagation."""
+
+    def __init__(self) -> None:
+        self.channel: grpc.aio.Channel | None = None
+
+    async def SayHello(self, request: Any, context: Any) -> Any:
+        assert self.channel is not None
+        reply = await echo_pb2_grpc.EchoStub(self.channel).Unary(echo_pb2.EchoRequest(text="metadata"))
+        return helloworld_pb2.HelloReply(message=reply.text)
+
+
+async def test_outbound_interceptor_connects_the_trace(otel: Otel) -> None:
+    front = Front()
+    front_app = meshrpc.App("front", services=[front])
+    async with testing.running(app) as back, testing.running(front_app) as server:
+        front.channel = grpc.aio.insecure_channel(back.target, interceptors=[meshrpc.OutboundInterceptor()])
+        reply = await helloworld_pb2_grpc.GreeterStub(server.channel).SayHello(
+            helloworld_pb2.HelloRequest(name="x"),
+            metadata=(("x-request-id", "req-42"), ("traceparent", f"00-{TRACE_ID}-{PARENT_ID}-01")),
+        )
+        await front.channel.close()
+    sent = json.loads(reply.message)
+    assert sent["x-request-id"] == "req-42"  # Istio's request id forwarded
+    (front_span,) = otel.finished("helloworld.Greeter/SayHello")
+    (back_span,) = otel.finished("echo.Echo/Unary")
+    assert back_span.parent is not None and back_span.parent.span_id == front_span.context.span_id
+    assert back_span.context.trace_id == front_span.context.trace_id == int(TRACE_ID, 16)
+    assert sent["traceparent"].split("-")[2] == f"{front_span.context.span_id:016x}"
+
+
+async def test_outgoing_metadata_without_sdk_forwards_the_mesh_headers() -> None:
+    _reset_globals()
+    front = Front()
+    async with testing.running(app) as back, testing.running(meshrpc.App("front", services=[front])) as server:
+        front.channel = grpc.aio.insecure_channel(back.target, interceptors=[meshrpc.OutboundInterceptor()])
+        incoming = (
+            ("x-request-id", "req-7"),
+            ("x-b3-traceid", TRACE_ID),
+            ("x-b3-spanid", PARENT_ID),
+            ("x-b3-sampled", "1"),
+            ("traceparent", f"00-{TRACE_ID}-{PARENT_ID}-01"),
+        )
+        reply = await helloworld_pb2_grpc.GreeterStub(server.channel).SayHello(
+            helloworld_pb2.HelloRequest(name="x"), metadata=incoming
+        )
+        await front.channel.close()
+    sent = json.loads(reply.message)
+    assert {k: sent[k] for k, _ in incoming} == dict(incoming)
+    assert meshrpc.outgoing_metadata([("a", "b")]) == [("a", "b")]  # outside an RPC: nothing added
+
+
+async def test_access_log_json(caplog: pytest.LogCaptureFixture) -> None:
+    _reset_globals()
+    with caplog.at_level(logging.INFO, logger="meshrpc.access"):
+        async with testing.running(app, access_log="json") as server:
+            await echo_pb2_grpc.EchoStub(server.channel).Unary(
+                echo_pb2.EchoRequest(text="x"), metadata=(("traceparent", f"00-{TRACE_ID}-{PARENT_ID}-01"),)
+            )
+    (line,) = [json.loads(r.getMessage()) for r in caplog.records if r.name == "meshrpc.access"]
+    assert line["method"] == "/echo.Echo/Unary" and line["status"] == "OK"
+    assert line["duration_ms"] >= 0 and line["peer"].startswith("ipv4:127.0.0.1:")
+
+
+async def test_access_log_is_off_by_default_and_sampled(caplog: pytest.LogCaptureFixture) -> None:
+    _reset_globals()
+    with caplog.at_level(logging.INFO, logger="meshrpc.access"):
+        async with testing.running(app) as server:
+            await echo_pb2_grpc.EchoStub(server.channel).Unary(echo_pb2.EchoRequest(text="x"))
+        async with testing.running(app, access_log="text", access_log_sample_rate=0.0) as server:
+            await echo_pb2_grpc.EchoStub(server.channel).Unary(echo_pb2.EchoRequest(text="x"))
+        async with testing.running(app, access_log="text") as server:
+            await echo_pb2_grpc.EchoStub(server.channel).Unary(echo_pb2.EchoRequest(text="x"))
+    lines = [r.getMessage() for r in caplog.records if r.name == "meshrpc.access"]
+    assert len(lines) == 1 and lines[0].startswith("method=/echo.Echo/Unary status=OK duration_ms=")
+
+
+async def test_log_lines_in_an_rpc_carry_the_trace_id(otel: Otel, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.handler.addFilter(meshrpc.TraceContextFilter())
+    async with testing.running(app) as server:
+        await echo_pb2_grpc.EchoStub(server.channel).Unary(
+            echo_pb2.EchoRequest(text="log"), metadata=(("traceparent", f"00-{TRACE_ID}-{PARENT_ID}-01"),)
+        )
+    record = next(r for r in caplog.records if r.getMessage() == "handling a logged call")
+    assert record.trace_id == TRACE_ID  # type: ignore[attr-defined]
+    outside = logging.LogRecord("x", logging.INFO, "", 0, "outside", None, None)
+    meshrpc.TraceContextFilter().filter(outside)
+    assert outside.trace_id == "" and outside.trace == ""  # type: ignore[attr-defined]
+
+
+def test_otel_sdk_from_environment_exports_and_flushes_at_shutdown() -> None:
+    env = {"MESHRPC_OTEL_SDK": "true", "OTEL_TRACES_EXPORTER": "console", "OTEL_METRICS_EXPORTER": "none"}
+    with Served("tests.apps.echo:app", "--drain-delay", "0", env={**env, "OTEL_SERVICE_NAME": "echo-test"}) as served:
+        served.wait_serving()
+        with grpc.insecure_channel(served.target) as channel:
+            echo_pb2_grpc.EchoStub(channel).Unary(echo_pb2.EchoRequest(text="log"))
+        served.signal(signal.SIGTERM)
+        assert served.wait(15) == 0
+    log = served.log
+    assert '"name": "echo.Echo/Unary"' in log  # the batch processor's span, flushed at shutdown
+    assert '"service.name": "echo-test"' in log
+    assert "handling a logged call trace_id=" in log  # the CLI's log format carries the trace id
