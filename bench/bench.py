@@ -32,7 +32,6 @@ sys.path.insert(0, str(ROOT))
 
 from examples._generated.helloworld import helloworld_pb2, helloworld_pb2_grpc  # noqa: E402
 
-PATH = "/helloworld.Greeter/SayHello"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
@@ -46,13 +45,20 @@ class Contender:
 def contenders(port: int) -> list[Contender]:
     py = sys.executable
     meshrpc = str(Path(py).parent / "meshrpc")
+
+    def server(name: str) -> list[str]:
+        return [py, "-m", "bench.servers", name, str(port)]
+
     return [
-        Contender("raw grpc.aio", [py, "-m", "bench.raw_server", str(port)]),
+        Contender("raw grpc.aio", server("raw")),
         Contender(
             "meshrpc (defaults)",
             [meshrpc, "serve", "examples.greeter.app:app", "--host", "127.0.0.1", "--port", str(port)],
             {"MESHRPC_MESH": "none", "MESHRPC_LOG_LEVEL": "warning"},
         ),
+        Contender("meshrpc + tracing", server("meshrpc-traced")),
+        Contender("raw + otel contrib", server("raw-otel-contrib")),
+        Contender("grpclib", server("grpclib")),
     ]
 
 
@@ -74,23 +80,51 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime + stime
 
 
-def grpc_body() -> bytes:
-    message = helloworld_pb2.HelloRequest(name="bench").SerializeToString()
-    return b"\x00" + len(message).to_bytes(4, "big") + message
+@dataclasses.dataclass(frozen=True)
+class Workload:
+    name: str
+    path: str
+    request: helloworld_pb2.HelloRequest
+
+    def body(self) -> bytes:
+        message = self.request.SerializeToString()
+        return b"\x00" + len(message).to_bytes(4, "big") + message
 
 
-def wait_ready(target: str, timeout: float = 20.0) -> None:
+WORKLOADS = [
+    Workload("unary SayHello", "/helloworld.Greeter/SayHello", helloworld_pb2.HelloRequest(name="bench")),
+    Workload(
+        "server-streaming SayHelloStream x10",
+        "/helloworld.Greeter/SayHelloStream",
+        helloworld_pb2.HelloRequest(name="bench", count=10),
+    ),
+]
+
+
+def wait_ready(target: str, workload: Workload, timeout: float = 20.0) -> None:
+    """Wait until the server answers, and check that it answers the workload correctly.
+
+    h2load counts HTTP statuses, not gRPC ones: a server failing every call with a
+    gRPC error would look fast.  So each contender's answer is checked once here.
+    """
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
             with grpc.insecure_channel(target) as channel:
-                reply = helloworld_pb2_grpc.GreeterStub(channel).SayHello(
-                    helloworld_pb2.HelloRequest(name="bench"), timeout=1
-                )
-            assert reply.message == "Hello, bench!", reply
-            return
-        except grpc.RpcError:
+                stub = helloworld_pb2_grpc.GreeterStub(channel)
+                if workload.path.endswith("/SayHello"):
+                    replies = [stub.SayHello(workload.request, timeout=2)]
+                else:
+                    replies = list(stub.SayHelloStream(workload.request, timeout=2))
+        except grpc.RpcError as exc:
+            if exc.code() != grpc.StatusCode.UNAVAILABLE:  # type: ignore[attr-defined]
+                raise SystemExit(f"server at {target} fails the workload: {exc}") from None
             time.sleep(0.1)
+            continue
+        expected = workload.request.count or 1
+        if len(replies) != expected or not replies[0].message.startswith("Hello, bench!"):
+            raise SystemExit(f"server at {target} answered {replies!r}, expected {expected} greetings")
+        return
     raise SystemExit(f"server at {target} did not answer within {timeout}s")
 
 
@@ -100,7 +134,7 @@ class Result:
     cpu_us_per_rpc: float
 
 
-def run_round(contender: Contender, body_file: str, args: argparse.Namespace) -> Result:
+def run_round(contender: Contender, workload: Workload, body_file: str, args: argparse.Namespace) -> Result:
     port = free_port()
     command = [a.replace(str(0xDEAD), str(port)) for a in contender.command]
     server = subprocess.Popen(
@@ -108,7 +142,7 @@ def run_round(contender: Contender, body_file: str, args: argparse.Namespace) ->
     )
     try:
         target = f"127.0.0.1:{port}"
-        wait_ready(target)
+        wait_ready(target, workload)
         h2load = [
             "h2load",
             "-n",
@@ -123,7 +157,7 @@ def run_round(contender: Contender, body_file: str, args: argparse.Namespace) ->
             "te: trailers",
             "-d",
             body_file,
-            f"http://{target}{PATH}",
+            f"http://{target}{workload.path}",
         ]
         # warm-up, then the measured run
         subprocess.run(pinned(1, [*h2load[:2], str(max(args.requests // 10, 100)), *h2load[3:]]), capture_output=True)
@@ -143,40 +177,80 @@ def run_round(contender: Contender, body_file: str, args: argparse.Namespace) ->
             server.kill()
 
 
+def median(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+def machine() -> str:
+    model = "unknown CPU"
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            model = line.split(":", 1)[1].strip()
+            break
+    return f"{os.cpu_count()} cores, {model}, Python {sys.version.split()[0]}, grpcio {grpc.__version__}"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[1] if __doc__ else None)
-    parser.add_argument("--requests", type=int, default=50_000, help="calls per round (default 50000)")
-    parser.add_argument("--rounds", type=int, default=5, help="rounds per contender, alternating (default 5)")
+    parser.add_argument("--requests", type=int, default=20_000, help="calls per round (default 20000)")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds per contender, alternating (default 3)")
     parser.add_argument("--clients", type=int, default=4, help="h2load connections (default 4)")
     parser.add_argument("--streams", type=int, default=32, help="concurrent streams per connection (default 32)")
+    parser.add_argument("--only", help="comma-separated contender names to run (default: all)")
+    parser.add_argument("--workload", choices=["unary", "stream", "both"], default="both")
+    parser.add_argument("--write-doc", type=Path, help="also write the tables into this Markdown file")
     args = parser.parse_args(argv)
     if not shutil.which("h2load"):
         raise SystemExit("h2load not found: apt-get install nghttp2-client")
 
-    with tempfile.NamedTemporaryFile(suffix=".grpc", delete=False) as body:
-        body.write(grpc_body())
-    results: dict[str, list[Result]] = {}
     field = contenders(0xDEAD)
-    for round_no in range(args.rounds):
-        order = field if round_no % 2 == 0 else list(reversed(field))
-        for contender in order:
-            result = run_round(contender, body.name, args)
-            results.setdefault(contender.name, []).append(result)
-            print(
-                f"round {round_no + 1}: {contender.name:<22} {result.rps:>9.0f} req/s "
-                f"{result.cpu_us_per_rpc:>7.1f} us CPU/RPC",
-                file=sys.stderr,
+    if args.only:
+        wanted = {n.strip() for n in args.only.split(",")}
+        field = [c for c in field if c.name in wanted or c is field[0]]
+    workloads = {"unary": WORKLOADS[:1], "stream": WORKLOADS[1:], "both": WORKLOADS}[args.workload]
+    tables = []
+    for workload in workloads:
+        with tempfile.NamedTemporaryFile(suffix=".grpc", delete=False) as body:
+            body.write(workload.body())
+        results: dict[str, list[Result]] = {}
+        try:
+            for round_no in range(args.rounds):
+                # Alternate the order each round, so drift in the machine's load hits everyone alike.
+                order = field if round_no % 2 == 0 else list(reversed(field))
+                for contender in order:
+                    result = run_round(contender, workload, body.name, args)
+                    results.setdefault(contender.name, []).append(result)
+                    print(
+                        f"{workload.name} round {round_no + 1}: {contender.name:<20} {result.rps:>9.0f} req/s "
+                        f"{result.cpu_us_per_rpc:>7.1f} us CPU/RPC",
+                        file=sys.stderr,
+                    )
+        finally:
+            os.unlink(body.name)
+        base = median([r.rps for r in results[field[0].name]])
+        base_cpu = median([r.cpu_us_per_rpc for r in results[field[0].name]])
+        lines = [
+            f"{workload.name}: {args.requests} calls x {args.rounds} rounds, h2load -c {args.clients} -m {args.streams}",
+            "",
+            f"| {'contender':<20} | {'req/s (median)':>14} | {'vs raw':>6} | {'CPU us/RPC':>10} | {'CPU vs raw':>10} |",
+            f"|{'-' * 22}|{'-' * 16}:|{'-' * 7}:|{'-' * 11}:|{'-' * 11}:|",
+        ]
+        for contender in field:
+            rps = median([r.rps for r in results[contender.name]])
+            cpu = median([r.cpu_us_per_rpc for r in results[contender.name]])
+            lines.append(
+                f"| {contender.name:<20} | {rps:>14.0f} | {rps / base:>6.3f} | {cpu:>10.1f} | {cpu / base_cpu:>10.3f} |"
             )
-    os.unlink(body.name)
-
-    base = statistics.median(r.rps for r in results[field[0].name])
-    base_cpu = statistics.median(r.cpu_us_per_rpc for r in results[field[0].name])
-    print(f"SayHello, {args.requests} calls x {args.rounds} rounds, h2load -c {args.clients} -m {args.streams}")
-    print(f"{'contender':<22} {'req/s (median)':>15} {'ratio':>6} {'CPU us/RPC':>11} {'CPU ratio':>9}")
-    for contender in field:
-        rps = statistics.median(r.rps for r in results[contender.name])
-        cpu = statistics.median(r.cpu_us_per_rpc for r in results[contender.name])
-        print(f"{contender.name:<22} {rps:>15.0f} {rps / base:>6.3f} {cpu:>11.1f} {cpu / base_cpu:>9.3f}")
+        tables.append("\n".join(lines))
+    report = "\n\n".join(tables)
+    print(report)
+    if args.write_doc:
+        stamp = f"Measured {time.strftime('%Y-%m-%d')} on {machine()}."
+        text = args.write_doc.read_text() if args.write_doc.exists() else ""
+        begin, end = "<!-- bench: generated by bench/bench.py --write-doc -->", "<!-- /bench -->"
+        head, _, rest = text.partition(begin)
+        _, _, tail = rest.partition(end)
+        args.write_doc.write_text(f"{head}{begin}\n{stamp}\n\n{report}\n{end}{tail}")
     return 0
 
 

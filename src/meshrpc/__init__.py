@@ -6,6 +6,7 @@ gives it health, reflection, a zero-loss drain and mesh-aware readiness;
 """
 
 from ._app import App, Lifespan
+from ._client import RetryPolicy, channel
 from ._config import Config
 from ._errors import (
     Aborted,
@@ -57,6 +58,7 @@ __all__ = [
     "OutboundInterceptor",
     "PermissionDenied",
     "ResourceExhausted",
+    "RetryPolicy",
     "RouteOptions",
     "Service",
     "SidecarNotReady",
@@ -66,6 +68,7 @@ __all__ = [
     "Unavailable",
     "Unimplemented",
     "__version__",
+    "channel",
     "outgoing_metadata",
     "quit_sidecar",
     "route",

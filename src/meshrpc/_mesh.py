@@ -26,6 +26,19 @@ PROBE_TIMEOUT = 0.5
 DEFAULT_CONNECTION_AGE = 300.0
 
 
+_current: MeshInfo | None = None
+
+
+def current_mode() -> str | None:
+    """The mesh mode of the meshrpc server running in this process, if one has started."""
+    return _current.mode if _current is not None else None
+
+
+def set_current(info: MeshInfo) -> None:
+    global _current
+    _current = info
+
+
 class SidecarNotReady(MeshrpcError):
     """The Istio sidecar did not report ready within the configured time."""
 

@@ -143,6 +143,7 @@ class Server:
         config, app = self.config, self.app
         self.mesh = await _mesh.detect(config)
         logger.info("mesh mode %s (%s)", self.mesh.mode, self.mesh.reason)
+        _mesh.set_current(self.mesh)  # outbound channels made in this process follow it
         if self.mesh.mode == _mesh.SIDECAR:
             self._sidecar = self._task(_mesh.wait_for_sidecar(config.sidecar_ready_url, config.sidecar_ready_timeout))
             self._sidecar.add_done_callback(_consume)

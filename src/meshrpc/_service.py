@@ -45,13 +45,20 @@ class Service:
     """
 
     _meshrpc_app: App | None = None
+    _meshrpc_never: asyncio.Event | None = None
 
     @property
     def draining(self) -> asyncio.Event:
-        """Set when the server starts to drain: long streams should finish up."""
-        if self._meshrpc_app is None:
-            raise AppError(f"{type(self).__name__} is not registered with a meshrpc.App")
-        return self._meshrpc_app.draining
+        """Set when the server starts to drain: long streams should finish up.
+
+        Outside a meshrpc App (the servicer added to a plain grpc.aio server), an
+        event that is never set: the handler works as it would anywhere.
+        """
+        if self._meshrpc_app is not None:
+            return self._meshrpc_app.draining
+        if self._meshrpc_never is None:
+            self._meshrpc_never = asyncio.Event()
+        return self._meshrpc_never
 
 
 @dataclasses.dataclass(frozen=True)

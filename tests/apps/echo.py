@@ -18,9 +18,18 @@ SERVER_ID = f"pid-{os.getpid()}"
 STATUS_ERRORS = {cls.code.name: cls for cls in meshrpc.StatusError.__subclasses__()}
 
 
+failed_once: set[str] = set()
+
+
 async def behave(request: echo_pb2.EchoRequest) -> None:
     if request.sleep:
         await asyncio.sleep(request.sleep)
+    if request.fail.startswith("once:"):  # "once:CODE:key": fail the first call with this key only
+        _, code, key = request.fail.split(":", 2)
+        if key not in failed_once:
+            failed_once.add(key)
+            raise STATUS_ERRORS[code](f"failing {key} once")
+        return
     if request.fail == "crash":
         raise RuntimeError("secret internal detail /srv/db password=hunter2")
     if request.fail:
@@ -40,7 +49,7 @@ class Echo(echo_pb2_grpc.EchoServicer, meshrpc.Service):
             sent = {k: v for k, v in context.invocation_metadata() if isinstance(v, str)}
             return reply(json.dumps(sent, sort_keys=True))
         if request.text == "deadline":
-            return reply(f"{context.time_remaining():.3f}")
+            return reply(f"{context.time_remaining():.6f}")
         return reply(request.text, peer=context.peer())
 
     async def ServerStream(self, request: echo_pb2.EchoRequest, context: Any) -> AsyncIterator[echo_pb2.EchoReply]:

@@ -1,0 +1,120 @@
+"""The benchmark's contenders, each serving the greeter on 127.0.0.1:PORT until SIGTERM.
+
+    python -m bench.servers CONTENDER PORT
+
+raw               grpc.aio wired by hand with the greeter's own handlers (the ceiling)
+raw-otel-contrib  the same, with opentelemetry-instrumentation-grpc's aio server instrumentor
+meshrpc-traced    meshrpc with every RPC traced into a batch processor and a no-op exporter
+grpclib           grpclib with its own health and reflection services
+
+(meshrpc with defaults is run as a user runs it: ``meshrpc serve``.)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import grpc
+
+from examples._generated.helloworld import helloworld_pb2, helloworld_pb2_grpc
+
+
+def tracing_sdk() -> None:
+    """Every span sampled and batched, then dropped: what tracing costs without the network."""
+    from opentelemetry import trace
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
+    from opentelemetry.sdk.trace.sampling import ALWAYS_ON
+
+    class NoOpExporter(SpanExporter):
+        def export(self, spans: Sequence[Any]) -> SpanExportResult:
+            return SpanExportResult.SUCCESS
+
+    provider = TracerProvider(sampler=ALWAYS_ON)
+    provider.add_span_processor(BatchSpanProcessor(NoOpExporter()))
+    trace.set_tracer_provider(provider)
+
+
+async def until_sigterm() -> None:
+    stop = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    print("READY", flush=True)
+    await stop.wait()
+
+
+async def raw(port: int) -> None:
+    # Imported here: grpclib's own health proto must not meet grpcio's in one process.
+    from examples.greeter.app import Greeter
+
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    helloworld_pb2_grpc.add_GreeterServicer_to_server(Greeter(), server)
+    server.add_insecure_port(f"127.0.0.1:{port}")
+    await server.start()
+    await until_sigterm()
+    await server.stop(0)
+
+
+async def raw_otel_contrib(port: int) -> None:
+    from opentelemetry.instrumentation.grpc import GrpcAioInstrumentorServer
+
+    tracing_sdk()
+    GrpcAioInstrumentorServer().instrument()
+    await raw(port)
+
+
+async def meshrpc_traced(port: int) -> None:
+    from examples.greeter.app import app
+
+    tracing_sdk()
+    config = app.config.replace(host="127.0.0.1", port=port, mesh="none", log_level="warning")
+    serving = asyncio.ensure_future(app.serve(config))
+    await until_sigterm()
+    app.stop(force=True)
+    await serving
+
+
+async def grpclib_server(port: int) -> None:
+    from grpclib.const import Cardinality, Handler
+    from grpclib.health.service import Health
+    from grpclib.reflection.service import ServerReflection
+    from grpclib.server import Server, Stream
+
+    class GrpclibGreeter:
+        async def SayHello(self, stream: Stream[Any, Any]) -> None:
+            request = await stream.recv_message()
+            assert request is not None
+            await stream.send_message(helloworld_pb2.HelloReply(message=f"Hello, {request.name}!"))
+
+        async def SayHelloStream(self, stream: Stream[Any, Any]) -> None:
+            request = await stream.recv_message()
+            assert request is not None
+            for i in range(request.count or 3):
+                await stream.send_message(helloworld_pb2.HelloReply(message=f"Hello, {request.name}! ({i + 1})"))
+
+        def __mapping__(self) -> dict[str, Handler]:
+            req, rep = helloworld_pb2.HelloRequest, helloworld_pb2.HelloReply
+            return {
+                "/helloworld.Greeter/SayHello": Handler(self.SayHello, Cardinality.UNARY_UNARY, req, rep),
+                "/helloworld.Greeter/SayHelloStream": Handler(self.SayHelloStream, Cardinality.UNARY_STREAM, req, rep),
+            }
+
+    server = Server(ServerReflection.extend([GrpclibGreeter(), Health()]))
+    await server.start("127.0.0.1", port)
+    await until_sigterm()
+    server.close()
+    await server.wait_closed()
+
+
+CONTENDERS = {
+    "raw": raw,
+    "raw-otel-contrib": raw_otel_contrib,
+    "meshrpc-traced": meshrpc_traced,
+    "grpclib": grpclib_server,
+}
+
+if __name__ == "__main__":
+    asyncio.run(CONTENDERS[sys.argv[1]](int(sys.argv[2])))
