@@ -80,6 +80,9 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime + stime
 
 
+TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+
+
 @dataclasses.dataclass(frozen=True)
 class Workload:
     name: str
@@ -155,6 +158,9 @@ def run_round(contender: Contender, workload: Workload, body_file: str, args: ar
             "content-type: application/grpc",
             "-H",
             "te: trailers",
+            # In a mesh every request arrives with trace headers; tracers must extract them.
+            "-H",
+            f"traceparent: {TRACEPARENT}",
             "-d",
             body_file,
             f"http://{target}{workload.path}",

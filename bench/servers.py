@@ -70,11 +70,9 @@ async def meshrpc_traced(port: int) -> None:
     from examples.greeter.app import app
 
     tracing_sdk()
-    config = app.config.replace(host="127.0.0.1", port=port, mesh="none", log_level="warning")
-    serving = asyncio.ensure_future(app.serve(config))
-    await until_sigterm()
-    app.stop(force=True)
-    await serving
+    # As `meshrpc serve` runs it: meshrpc owns the loop and handles SIGTERM.
+    config = app.config.replace(host="127.0.0.1", port=port, mesh="none", drain_delay=0.0, log_level="warning")
+    await app.serve(config, install_signal_handlers=True)
 
 
 async def grpclib_server(port: int) -> None:

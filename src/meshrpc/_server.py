@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import signal
@@ -115,6 +116,11 @@ class Server:
             try:
                 if not await self._startup_unless_stopped():
                     return self.exit_code
+                if install_signal_handlers:
+                    # meshrpc owns the process: what startup built lives as long as it does,
+                    # so keep it out of the garbage collector's scans (gc.freeze). Not done
+                    # when embedded (tests), where it would make earlier garbage immortal.
+                    gc.freeze()
                 self._started.set()
                 await self._stop_requested.wait()
                 await self._drain()

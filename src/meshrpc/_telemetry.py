@@ -141,15 +141,16 @@ class _Observation:
         self.span: trace.Span | None = None
         if tools.tracer is not None:
             metadata = {k: v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
-            parent = propagate.extract(metadata, getter=_GETTER)
-            self.span = span = tools.tracer.start_span(
-                tools.span_names[spec.path], context=parent, kind=SpanKind.SERVER, attributes=tools.attrs[spec.path]
+            # Extract only when a propagator's header came in: most of the cost otherwise.
+            parent = propagate.extract(metadata, getter=_GETTER) if not tools.fields.isdisjoint(metadata) else None
+            host, port = _peer_address(context.peer() or "")
+            attributes = {**tools.attrs[spec.path], "client.address": host}
+            if port is not None:
+                attributes["client.port"] = port
+            # All attributes at start: one validation pass instead of one locked set per attribute.
+            self.span = tools.tracer.start_span(
+                tools.span_names[spec.path], context=parent, kind=SpanKind.SERVER, attributes=attributes
             )
-            if span.is_recording():
-                host, port = _peer_address(context.peer() or "")
-                span.set_attribute("client.address", host)
-                if port is not None:
-                    span.set_attribute("client.port", port)
         if tools.instruments is not None:
             tools.instruments.active.add(1, tools.metric_attrs[spec.path])
 
@@ -199,6 +200,7 @@ class _Tools:
 
     def __init__(self, telemetry: Telemetry, specs: list[MethodSpec]) -> None:
         self.tracer = trace.get_tracer("meshrpc", __version__) if telemetry.tracing else None
+        self.fields = frozenset(propagate.get_global_textmap().fields)
         self.instruments = _Instruments() if telemetry.metrics else None
         self.access_log = telemetry.access_log
         self.sample_rate = telemetry.access_log_sample_rate
