@@ -11,100 +11,80 @@ from typing import Any
 
 from tests.helpers import envoy
 
+HCM = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
+ROUTER = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
+
+
+def _address(port: int) -> dict[str, Any]:
+    return {"socket_address": {"address": "127.0.0.1", "port_value": port}}
+
+
+def _http_listener(name: str, port: int, routes: list[dict[str, Any]]) -> dict[str, Any]:
+    manager = {
+        "@type": HCM,
+        "stat_prefix": name,
+        "codec_type": "AUTO",
+        "route_config": {"virtual_hosts": [{"name": name, "domains": ["*"], "routes": routes}]},
+        "http_filters": [{"name": "envoy.filters.http.router", "typed_config": {"@type": ROUTER}}],
+    }
+    filters = [{"name": "envoy.filters.network.http_connection_manager", "typed_config": manager}]
+    return {"name": name, "address": _address(port), "filter_chains": [{"filters": filters}]}
+
+
+def _static_cluster(name: str, ports: list[int], **extra: Any) -> dict[str, Any]:
+    endpoints = [{"endpoint": {"address": _address(p)}} for p in ports]
+    return {
+        "name": name,
+        "type": "STATIC",
+        "connect_timeout": "1s",
+        "load_assignment": {"cluster_name": name, "endpoints": [{"lb_endpoints": endpoints}]},
+        **extra,
+    }
+
 
 def grpc_proxy_config(listen_port: int, admin_port: int, upstream_ports: list[int]) -> dict[str, Any]:
     """A gRPC proxy to a static cluster with active gRPC health checking, as a mesh would do."""
+    cluster = _static_cluster(
+        "replicas",
+        upstream_ports,
+        lb_policy="ROUND_ROBIN",
+        # Not-yet-started replicas are endpoints too: never fall back to routing to
+        # unhealthy hosts (Envoy's 50% panic mode), as Istio does not when outlier
+        # detection is on.
+        common_lb_config={"healthy_panic_threshold": {"value": 0}},
+        typed_extension_protocol_options={
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                "explicit_http_config": {"http2_protocol_options": {}},
+            }
+        },
+        health_checks=[
+            {
+                "timeout": "0.5s",
+                "interval": "0.2s",
+                "no_traffic_interval": "0.2s",
+                "unhealthy_interval": "0.2s",
+                "unhealthy_threshold": 1,
+                "healthy_threshold": 1,
+                "grpc_health_check": {},
+            }
+        ],
+    )
+    route = {"match": {"prefix": "/"}, "route": {"cluster": "replicas", "timeout": "30s"}}
     return {
-        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin_port}}},
+        "admin": {"address": _address(admin_port)},
+        "static_resources": {"listeners": [_http_listener("grpc", listen_port, [route])], "clusters": [cluster]},
+    }
+
+
+def sidecar_status_config(listen_port: int, admin_port: int) -> dict[str, Any]:
+    """Like Istio's port 15021: GET /healthz/ready answers from Envoy's own readiness (admin /ready)."""
+    route = {"match": {"path": "/healthz/ready"}, "route": {"cluster": "self_admin", "prefix_rewrite": "/ready"}}
+    return {
+        "admin": {"address": _address(admin_port)},
         "static_resources": {
-            "listeners": [
-                {
-                    "name": "grpc",
-                    "address": {"socket_address": {"address": "127.0.0.1", "port_value": listen_port}},
-                    "filter_chains": [
-                        {
-                            "filters": [
-                                {
-                                    "name": "envoy.filters.network.http_connection_manager",
-                                    "typed_config": {
-                                        "@type": "type.googleapis.com/envoy.extensions.filters.network."
-                                        "http_connection_manager.v3.HttpConnectionManager",
-                                        "stat_prefix": "ingress",
-                                        "codec_type": "AUTO",
-                                        "route_config": {
-                                            "virtual_hosts": [
-                                                {
-                                                    "name": "all",
-                                                    "domains": ["*"],
-                                                    "routes": [
-                                                        {
-                                                            "match": {"prefix": "/"},
-                                                            "route": {"cluster": "replicas", "timeout": "30s"},
-                                                        }
-                                                    ],
-                                                }
-                                            ]
-                                        },
-                                        "http_filters": [
-                                            {
-                                                "name": "envoy.filters.http.router",
-                                                "typed_config": {
-                                                    "@type": "type.googleapis.com/"
-                                                    "envoy.extensions.filters.http.router.v3.Router"
-                                                },
-                                            }
-                                        ],
-                                    },
-                                }
-                            ]
-                        }
-                    ],
-                }
-            ],
-            "clusters": [
-                {
-                    "name": "replicas",
-                    "type": "STATIC",
-                    "connect_timeout": "1s",
-                    "lb_policy": "ROUND_ROBIN",
-                    # Not-yet-started replicas are endpoints too: never fall back to
-                    # routing to unhealthy hosts (Envoy's 50% panic mode), as Istio
-                    # does not when outlier detection is on.
-                    "common_lb_config": {"healthy_panic_threshold": {"value": 0}},
-                    "typed_extension_protocol_options": {
-                        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
-                            "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
-                            "explicit_http_config": {"http2_protocol_options": {}},
-                        }
-                    },
-                    "load_assignment": {
-                        "cluster_name": "replicas",
-                        "endpoints": [
-                            {
-                                "lb_endpoints": [
-                                    {
-                                        "endpoint": {
-                                            "address": {"socket_address": {"address": "127.0.0.1", "port_value": p}}
-                                        }
-                                    }
-                                    for p in upstream_ports
-                                ]
-                            }
-                        ],
-                    },
-                    "health_checks": [
-                        {
-                            "timeout": "0.5s",
-                            "interval": "0.2s",
-                            "no_traffic_interval": "0.2s",
-                            "unhealthy_interval": "0.2s",
-                            "unhealthy_threshold": 1,
-                            "healthy_threshold": 1,
-                            "grpc_health_check": {},
-                        }
-                    ],
-                }
-            ],
+            "listeners": [_http_listener("status", listen_port, [route])],
+            "clusters": [_static_cluster("self_admin", [admin_port])],
         },
     }
 
@@ -156,81 +136,3 @@ class Envoy:
                 self.proc.kill()
                 self.proc.wait(5)
         self._log.close()
-
-
-def sidecar_status_config(listen_port: int, admin_port: int) -> dict[str, Any]:
-    """Like Istio's port 15021: GET /healthz/ready answers from Envoy's own readiness (admin /ready)."""
-    return {
-        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin_port}}},
-        "static_resources": {
-            "listeners": [
-                {
-                    "name": "status",
-                    "address": {"socket_address": {"address": "127.0.0.1", "port_value": listen_port}},
-                    "filter_chains": [
-                        {
-                            "filters": [
-                                {
-                                    "name": "envoy.filters.network.http_connection_manager",
-                                    "typed_config": {
-                                        "@type": "type.googleapis.com/envoy.extensions.filters.network."
-                                        "http_connection_manager.v3.HttpConnectionManager",
-                                        "stat_prefix": "status",
-                                        "route_config": {
-                                            "virtual_hosts": [
-                                                {
-                                                    "name": "status",
-                                                    "domains": ["*"],
-                                                    "routes": [
-                                                        {
-                                                            "match": {"path": "/healthz/ready"},
-                                                            "route": {
-                                                                "cluster": "self_admin",
-                                                                "prefix_rewrite": "/ready",
-                                                            },
-                                                        }
-                                                    ],
-                                                }
-                                            ]
-                                        },
-                                        "http_filters": [
-                                            {
-                                                "name": "envoy.filters.http.router",
-                                                "typed_config": {
-                                                    "@type": "type.googleapis.com/"
-                                                    "envoy.extensions.filters.http.router.v3.Router"
-                                                },
-                                            }
-                                        ],
-                                    },
-                                }
-                            ]
-                        }
-                    ],
-                }
-            ],
-            "clusters": [
-                {
-                    "name": "self_admin",
-                    "type": "STATIC",
-                    "connect_timeout": "1s",
-                    "load_assignment": {
-                        "cluster_name": "self_admin",
-                        "endpoints": [
-                            {
-                                "lb_endpoints": [
-                                    {
-                                        "endpoint": {
-                                            "address": {
-                                                "socket_address": {"address": "127.0.0.1", "port_value": admin_port}
-                                            }
-                                        }
-                                    }
-                                ]
-                            }
-                        ],
-                    },
-                }
-            ],
-        },
-    }

@@ -17,8 +17,13 @@ def test_benchmark_runs_every_contender() -> None:
         timeout=300,
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    table = result.stdout.splitlines()
-    assert table[1].split()[:2] == ["contender", "req/s"]
-    rows = {line.split("  ")[0].strip(): line.split() for line in table[2:]}
-    assert "raw grpc.aio" in rows and "meshrpc (defaults)" in rows
-    assert rows["raw grpc.aio"][-3] == "1.000"  # the baseline's own ratio
+    rows = [
+        [cell.strip() for cell in line.strip("|").split("|")]
+        for line in result.stdout.splitlines()
+        if line.startswith("| ") and "contender" not in line
+    ]
+    names = [row[0] for row in rows]
+    contenders = ["raw grpc.aio", "meshrpc (defaults)", "meshrpc + tracing", "raw + otel contrib", "grpclib"]
+    assert names == contenders * 2  # both workloads, every contender
+    assert all(row[2] == "1.000" for row in rows if row[0] == "raw grpc.aio")  # the baseline's own ratio
+    assert all(float(row[1]) > 0 for row in rows)

@@ -130,3 +130,30 @@ async def test_drain_from_code_runs_without_signals() -> None:
         assert (await task).text == "slow"
         assert exit_code == 0
         assert echo.app.draining.is_set()
+
+
+def test_signal_handlers_are_restored_after_serving() -> None:
+    import asyncio
+
+    import meshrpc
+
+    def previous(signum: int, frame: object) -> None:  # a handler the embedding program had
+        raise AssertionError("must not be called")
+
+    old = {sig: signal.signal(sig, previous) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        app = meshrpc.App("signals", services=[echo.Echo()])
+        config = meshrpc.Config(host="127.0.0.1", port=0, mesh="none", drain_delay=0)
+
+        async def serve_then_stop() -> int:
+            serving = asyncio.ensure_future(app.serve(config, install_signal_handlers=True))
+            await asyncio.sleep(0.3)
+            assert signal.getsignal(signal.SIGTERM) is not previous  # meshrpc's own while serving
+            signal.raise_signal(signal.SIGTERM)  # a real signal to this process: drains, exit 0
+            return await asyncio.wait_for(serving, 10)
+
+        assert asyncio.run(serve_then_stop()) == 0
+        assert signal.getsignal(signal.SIGTERM) is previous and signal.getsignal(signal.SIGINT) is previous
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
