@@ -7,6 +7,7 @@ import functools
 import re
 from typing import Any
 
+import celpy
 import jsonschema
 import kubernetes_validate
 import yaml
@@ -60,6 +61,99 @@ def _check_metadata(document: dict[str, Any]) -> None:
     assert _NAME.match(metadata["namespace"]), metadata["namespace"]
 
 
+# Kubernetes escapes property names that CEL cannot use as identifiers.
+_CEL_RESERVED = set(
+    [
+        "true",
+        "false",
+        "null",
+        "in",
+        "as",
+        "break",
+        "const",
+        "continue",
+        "else",
+        "for",
+        "function",
+        "if",
+        "import",
+        "let",
+        "loop",
+        "package",
+        "namespace",
+        "return",
+        "var",
+        "void",
+        "while",
+    ]
+)
+_CEL = celpy.Environment()
+
+
+def _cel_name(key: str) -> str:
+    if key in _CEL_RESERVED:
+        return f"__{key}__"
+    return (
+        key.replace("__", "__underscores__").replace(".", "__dot__").replace("-", "__dash__").replace("/", "__slash__")
+    )
+
+
+def _cel_value(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {_cel_name(k): _cel_value(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_cel_value(v) for v in value]
+    return value
+
+
+@functools.cache
+def _program(rule: str) -> Any:
+    return _CEL.program(_CEL.compile(rule))
+
+
+def defaulted(schema: dict[str, Any], value: Any) -> Any:
+    """``value`` with the schema's defaults filled in, as the API server does before validating."""
+    if isinstance(value, dict):
+        properties = schema.get("properties", {})
+        extra = schema.get("additionalProperties")
+        result = {}
+        for key, item in value.items():
+            sub = properties.get(key, extra if isinstance(extra, dict) else None)
+            result[key] = defaulted(sub, item) if sub else item
+        for key, sub in properties.items():
+            if key not in result and "default" in sub:
+                result[key] = sub["default"]
+        return result
+    if isinstance(value, list) and isinstance(schema.get("items"), dict):
+        return [defaulted(schema["items"], item) for item in value]
+    return value
+
+
+def cel_violations(schema: dict[str, Any], value: Any, path: str = "") -> list[str]:
+    """The CRD's x-kubernetes-validations rules (CEL) that ``value`` breaks, as an API server checks them."""
+    if not path:
+        value = defaulted(schema, value)
+    found = []
+    for validation in schema.get("x-kubernetes-validations", ()):
+        rule = validation["rule"]
+        if "oldSelf" in rule:  # transition rules apply to updates only
+            continue
+        result = _program(rule).evaluate({"self": celpy.json_to_cel(_cel_value(value))})
+        if result is not True and str(result) != "True":
+            found.append(f"{path or '.'}: {validation.get('message') or rule}")
+    if isinstance(value, dict):
+        properties = schema.get("properties", {})
+        extra = schema.get("additionalProperties")
+        for key, item in value.items():
+            sub = properties.get(key, extra if isinstance(extra, dict) else None)
+            if sub:
+                found.extend(cel_violations(sub, item, f"{path}.{key}"))
+    elif isinstance(value, list) and isinstance(schema.get("items"), dict):
+        for index, item in enumerate(value):
+            found.extend(cel_violations(schema["items"], item, f"{path}[{index}]"))
+    return found
+
+
 def validate(document: dict[str, Any]) -> None:
     """Raise when ``document`` would be rejected by Kubernetes (strict field validation)."""
     kind = document["kind"]
@@ -71,3 +165,5 @@ def validate(document: dict[str, Any]) -> None:
     schema = crd_schemas().get((document["apiVersion"], kind))
     assert schema is not None, f"{document['apiVersion']} {kind} is not served by the official CRDs"
     jsonschema.validate(document, schema, cls=jsonschema.Draft7Validator)
+    violations = cel_violations(schema, document)
+    assert not violations, f"{kind} {document['metadata']['name']} breaks CEL rules: {violations}"

@@ -266,3 +266,25 @@ def test_bad_route_options_fail_when_the_app_is_loaded(kwargs: dict[str, Any], m
             async def Method(self) -> None: ...
 
     assert "Method" in str(info.value)  # names the method
+
+
+def test_cel_rules_of_the_crds_are_checked() -> None:
+    """The CRDs' CEL rules (x-kubernetes-validations) are enforced, not only their JSON schema."""
+    from tests.schemas import cel_violations, crd_schemas
+
+    docs = manifests(
+        multi_app.services, multi_app.config, RoutesOptions(name="main", app_ref="m:a", flavour="gateway-api")
+    )
+    route = next(d for d in docs if d["kind"] == "GRPCRoute")
+    schema = crd_schemas()[("gateway.networking.k8s.io/v1", "GRPCRoute")]
+    assert cel_violations(schema, route) == []
+    route["spec"]["rules"][0]["matches"][0]["method"]["service"] = "main-MainService"  # not a protobuf name
+    assert any("service must only contain valid characters" in v for v in cel_violations(schema, route))
+    vs = next(
+        d
+        for d in manifests(multi_app.services, multi_app.config, RoutesOptions(name="main", app_ref="m:a"))
+        if d["kind"] == "VirtualService"
+    )
+    vs["spec"]["http"][0]["timeout"] = "0s"
+    vs_schema = crd_schemas()[("networking.istio.io/v1", "VirtualService")]
+    assert any("must be a valid duration greater than 1ms" in v for v in cel_violations(vs_schema, vs))
