@@ -103,10 +103,13 @@ class Served:
         self.close()
 
 
+NODE_CLIENTS = ROOT / "tests" / "node"
+
+
 def buf() -> str:
-    """buf (npm @bufbuild/buf), installed into .tools/ by .ci/run."""
-    path = ROOT / ".tools" / "node_modules" / ".bin" / "buf"
-    assert path.exists(), f"buf missing at {path}: run 'npm install --prefix .tools @bufbuild/buf'"
+    """buf (npm @bufbuild/buf), installed into tests/node/ by README's test command."""
+    path = NODE_CLIENTS / "node_modules" / ".bin" / "buf"
+    assert path.exists(), f"buf missing at {path}: run 'npm install --prefix tests/node'"
     return str(path)
 
 

@@ -159,3 +159,15 @@ def test_app_found_from_environment_and_pyproject(tmp_path: Path) -> None:
     assert nothing.returncode == 1
     assert "no app given" in nothing.stderr and "[tool.meshrpc]" in nothing.stderr and "MESHRPC_APP" in nothing.stderr
     assert "Traceback" not in nothing.stderr + from_env.stderr + from_pyproject.stderr
+
+
+def test_grpc_js_client(greeter: Served) -> None:
+    """Node's grpc-js speaks HTTP/2 with its own stack: unary, errors and streams all work."""
+    from tests.helpers import NODE_CLIENTS
+
+    result = run("node", str(NODE_CLIENTS / "client.js"), greeter.target, str(ROOT / "proto"))
+    assert result.returncode == 0, result.stderr
+    seen = json.loads(result.stdout)
+    assert seen["hello"] == {"message": "Hello, Node!"}
+    assert seen["invalid"] == {"code": grpc.StatusCode.INVALID_ARGUMENT.value[0], "details": "name must not be empty"}
+    assert seen["stream"] == {"messages": [f"Hello, Node! ({i}/3)" for i in (1, 2, 3)], "code": 0}
