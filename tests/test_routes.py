@@ -288,3 +288,14 @@ def test_cel_rules_of_the_crds_are_checked() -> None:
     vs["spec"]["http"][0]["timeout"] = "0s"
     vs_schema = crd_schemas()[("networking.istio.io/v1", "VirtualService")]
     assert any("must be a valid duration greater than 1ms" in v for v in cel_violations(vs_schema, vs))
+
+
+def test_headless_service_for_client_side_balancing() -> None:
+    result = routes("examples.greeter.app:app", "--headless", "--resources", "Service,HeadlessService")
+    assert result.returncode == 0, result.stderr
+    plain, headless = documents(result.stdout)
+    assert headless["metadata"]["name"] == "greeter-headless"
+    assert headless["spec"]["clusterIP"] == "None"  # DNS answers one address per ready pod
+    assert headless["spec"]["selector"] == plain["spec"]["selector"]
+    assert headless["spec"]["ports"] == plain["spec"]["ports"]
+    validate(headless)

@@ -279,14 +279,22 @@ async def test_log_lines_in_an_rpc_carry_the_trace_id(otel: Otel, caplog: pytest
 
 
 def test_otel_sdk_from_environment_exports_and_flushes_at_shutdown() -> None:
-    env = {"MESHRPC_OTEL_SDK": "true", "OTEL_TRACES_EXPORTER": "console", "OTEL_METRICS_EXPORTER": "none"}
-    with Served("tests.apps.echo:app", "--drain-delay", "0", env={**env, "OTEL_SERVICE_NAME": "echo-test"}) as served:
+    env = {
+        "MESHRPC_OTEL_SDK": "true",
+        "OTEL_TRACES_EXPORTER": "console",
+        "OTEL_METRICS_EXPORTER": "none",
+        "OTEL_SERVICE_NAME": "echo-test",
+        "OTEL_PROPAGATORS": "tracecontext,baggage,b3multi",  # Istio's Envoy speaks B3
+    }
+    with Served("tests.apps.echo:app", "--drain-delay", "0", env=env) as served:
         served.wait_serving()
         with grpc.insecure_channel(served.target) as channel:
-            echo_pb2_grpc.EchoStub(channel).Unary(echo_pb2.EchoRequest(text="log"))
+            b3 = (("x-b3-traceid", TRACE_ID), ("x-b3-spanid", PARENT_ID), ("x-b3-sampled", "1"))
+            echo_pb2_grpc.EchoStub(channel).Unary(echo_pb2.EchoRequest(text="log"), metadata=b3)
         served.signal(signal.SIGTERM)
         assert served.wait(15) == 0
     log = served.log
     assert '"name": "echo.Echo/Unary"' in log  # the batch processor's span, flushed at shutdown
     assert '"service.name": "echo-test"' in log
-    assert "handling a logged call trace_id=" in log  # the CLI's log format carries the trace id
+    assert f"handling a logged call trace_id={TRACE_ID}" in log  # the CLI's log format carries the trace id
+    assert f'"trace_id": "0x{TRACE_ID}"' in log and f'"parent_id": "0x{PARENT_ID}"' in log  # B3 parent
