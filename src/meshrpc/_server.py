@@ -55,7 +55,6 @@ class Server:
         self.mesh: _mesh.MeshInfo | None = None
         self.health: Health | None = None
         self.exit_code = 0
-        self.middlewares: tuple[Middleware, ...] = ()
         self._grpc: grpc.aio.Server | None = None
         self._stop_requested = asyncio.Event()
         self._force = asyncio.Event()
@@ -265,7 +264,7 @@ class Server:
         return (observer(telemetry, [m for s in self.app.services for m in s.methods]),)
 
     def _add_handlers(self, server: grpc.aio.Server, health: Health) -> list[str]:
-        middlewares = (*self.middlewares, *self._telemetry_middlewares())
+        middlewares = self._telemetry_middlewares()
         for service in self.app.services:
             handlers = {m.name: method_handler(m, middlewares) for m in service.methods}
             # Registered methods are matched by grpc's core, before any Python lookup.
