@@ -14,6 +14,7 @@ import meshrpc
 from examples.greeter.app import app as greeter_app
 from examples.multi.app import app as multi_app
 from meshrpc._routes import RoutesError, RoutesOptions, grace_period, manifests
+from meshrpc._routing import RETRY_ON
 from tests.helpers import ROOT
 from tests.helpers import meshrpc as meshrpc_cli
 from tests.schemas import validate
@@ -31,10 +32,35 @@ def documents(text: str) -> list[dict[str, Any]]:
 
 
 def by_kind(docs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    return {
-        d["kind"] if d["kind"] != "Service" or "headless" not in d["metadata"]["name"] else "HeadlessService": d
-        for d in docs
-    }
+    def kind(d: dict[str, Any]) -> str:
+        if d["kind"] == "Service" and d["metadata"]["name"].endswith("-headless"):
+            return "HeadlessService"
+        if d["kind"] == "VirtualService" and d["metadata"]["name"].endswith("-mesh"):
+            return "MeshVirtualService"
+        return str(d["kind"])
+
+    return {kind(d): d for d in docs}
+
+
+def istio_webhook_problems(docs: list[dict[str, Any]]) -> list[str]:
+    """Rules Istio's validating webhook enforces beyond the CRD schema (pkg/config/validation)."""
+    problems = []
+    for d in docs:
+        if d["kind"] != "VirtualService":
+            continue
+        spec, name = d["spec"], d["metadata"]["name"]
+        if "mesh" in spec.get("gateways", ["mesh"]) and "*" in spec["hosts"]:
+            problems.append(f"{name}: wildcard host * is not allowed when bound to the mesh gateway")
+        names = [r["name"] for r in spec["http"] if "name" in r]
+        if len(names) != len(set(names)):
+            problems.append(f"{name}: route names repeat")
+        if any("match" not in route for route in spec["http"][:-1]):
+            problems.append(f"{name}: a catch-all route before the last shadows the rest")
+        for route in spec["http"]:
+            for condition in (route.get("retries", {}).get("retryOn") or "").split(","):
+                if condition and condition not in RETRY_ON and not condition.isdigit():
+                    problems.append(f"{name}: retryOn {condition!r} is not a retry policy")
+    return problems
 
 
 @pytest.mark.parametrize(
@@ -72,6 +98,7 @@ def test_every_document_validates_strictly(args: tuple[str, ...]) -> None:
     for document in docs:
         validate(document)
     assert not any(api in d["apiVersion"] for d in docs for api in REMOVED_APIS)
+    assert istio_webhook_problems(docs) == []
 
 
 def test_validator_rejects_what_an_api_server_rejects() -> None:
@@ -80,6 +107,8 @@ def test_validator_rejects_what_an_api_server_rejects() -> None:
     vs["spec"]["http"][0]["retires"] = {"attempts": 3}  # a typo: unknown field
     with pytest.raises(jsonschema.ValidationError, match="retires"):
         validate(vs)
+    shared = {**vs, "spec": {**vs["spec"], "gateways": ["greeter-gateway", "mesh"]}}  # one VS for both
+    assert "wildcard host * is not allowed" in istio_webhook_problems([shared])[0]
     deployment = next(d for d in docs if d["kind"] == "Deployment")
     deployment["spec"]["template"]["spec"]["containers"][0]["readinesProbe"] = {}
     with pytest.raises(Exception, match="readinesProbe"):
@@ -155,7 +184,12 @@ def test_cross_checks_a_user_would_otherwise_find_in_production(app: meshrpc.App
     exact = [u["exact"] for u in uris if "exact" in u]
     assert all(any(e.startswith(p) for p in prefixes) for e in exact)
     assert not any("grpc.health" in str(u) or "grpc.reflection" in str(u) for u in uris)
-    assert kinds["VirtualService"]["spec"]["gateways"][-1] == "mesh"
+    # In-mesh routing is a VirtualService of its own (Istio rejects '*' bound to mesh).
+    mesh = kinds["MeshVirtualService"]["spec"]
+    assert mesh["gateways"] == ["mesh"] and mesh["hosts"] == [f"{app.name}.default.svc.cluster.local"]
+    assert mesh["http"][:-1] == kinds["VirtualService"]["spec"]["http"]
+    assert "match" not in mesh["http"][-1]  # in-mesh clients still reach health and reflection
+    assert istio_webhook_problems(docs) == []
 
 
 def test_gateway_api_flavour() -> None:

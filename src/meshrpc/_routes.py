@@ -23,8 +23,9 @@ from ._version import __version__
 
 Flavour = Literal["istio", "gateway-api"]
 ISTIO_KINDS = ("Deployment", "Service", "Gateway", "VirtualService", "DestinationRule", "PodDisruptionBudget")
+# Kinds written only when asked for (--mesh-routing, --headless); "which resources" accepts them too.
 GATEWAY_API_KINDS = ("Deployment", "Service", "Gateway", "GRPCRoute", "PodDisruptionBudget")
-OPTIONAL_KINDS = ("HeadlessService",)
+OPTIONAL_KINDS = ("MeshVirtualService", "HeadlessService")
 SHUTDOWN_MARGIN = 5  # seconds for the lifespan's shutdown and process exit
 PODINFO_DIR = "/etc/podinfo"
 _DNS_LABEL = re.compile(r"^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$")
@@ -108,6 +109,12 @@ class RoutesOptions:
         kinds: tuple[str, ...] = ISTIO_KINDS if self.flavour == "istio" else GATEWAY_API_KINDS
         if not self.gateway:
             kinds = tuple(k for k in kinds if k != "Gateway")
+        if self.mesh_routing and self.flavour == "istio":
+            kinds = tuple(
+                k
+                for pair in ((k, "MeshVirtualService") if k == "VirtualService" else (k,) for k in kinds)
+                for k in pair
+            )
         return kinds + (("HeadlessService",) if self.headless else ())
 
     @property
@@ -304,7 +311,7 @@ def _route_name(*parts: str) -> str:
     return "-".join(re.sub(r"[^a-z0-9]+", "-", p.lower()).strip("-") for p in parts)
 
 
-def virtual_service(options: RoutesOptions, config: Config, services: Sequence[ServiceSpec]) -> dict[str, Any]:
+def _http_routes(options: RoutesOptions, config: Config, services: Sequence[ServiceSpec]) -> list[dict[str, Any]]:
     destination = {"host": _fqdn(options), "port": {"number": config.port}}
     http: list[dict[str, Any]] = []
     # Exact method routes first: Istio takes the first match.
@@ -329,18 +336,36 @@ def virtual_service(options: RoutesOptions, config: Config, services: Sequence[S
                 **_route_policy(svc.route),
             }
         )
+    return http
+
+
+def virtual_service(options: RoutesOptions, config: Config, services: Sequence[ServiceSpec]) -> dict[str, Any]:
+    """The gateway's routes: the registered services and nothing else (no health, no reflection)."""
     # Bound to the gateway whether meshrpc writes it or the platform team owns it.
     gateway_ns = options.gateway_namespace
-    gateways = [f"{gateway_ns}/{options.gateway_ref}" if gateway_ns else options.gateway_ref]
-    hosts = list(options.hosts)
-    if options.mesh_routing:
-        gateways.append("mesh")
-        hosts.append(_fqdn(options))
+    gateway = f"{gateway_ns}/{options.gateway_ref}" if gateway_ns else options.gateway_ref
     return {
         "apiVersion": "networking.istio.io/v1",
         "kind": "VirtualService",
         "metadata": _metadata(options),
-        "spec": {"hosts": hosts, "gateways": gateways, "http": http},
+        "spec": {"hosts": list(options.hosts), "gateways": [gateway], "http": _http_routes(options, config, services)},
+    }
+
+
+def mesh_virtual_service(options: RoutesOptions, config: Config, services: Sequence[ServiceSpec]) -> dict[str, Any]:
+    """In-mesh routes (``--mesh-routing``): the same policies for calls from other pods.
+
+    A VirtualService of its own, because Istio rejects the host '*' on one bound to
+    the mesh gateway; it ends with a catch-all, so in-mesh clients can still reach
+    health and reflection on the Service (the sidecar answers 404 to unrouted paths).
+    """
+    destination = {"host": _fqdn(options), "port": {"number": config.port}}
+    http = [*_http_routes(options, config, services), {"name": "default", "route": [{"destination": destination}]}]
+    return {
+        "apiVersion": "networking.istio.io/v1",
+        "kind": "VirtualService",
+        "metadata": _metadata(options, f"{options.name}-mesh"),
+        "spec": {"hosts": [_fqdn(options)], "gateways": ["mesh"], "http": http},
     }
 
 
@@ -461,6 +486,7 @@ def manifests(services: Sequence[ServiceSpec], config: Config, options: RoutesOp
         "HeadlessService": lambda: service(options, config, headless=True),
         "Gateway": lambda: istio_gateway(options) if options.flavour == "istio" else gateway_api_gateway(options),
         "VirtualService": lambda: virtual_service(options, config, services),
+        "MeshVirtualService": lambda: mesh_virtual_service(options, config, services),
         "DestinationRule": lambda: destination_rule(options),
         "GRPCRoute": lambda: grpc_route(options, config, services),
         "PodDisruptionBudget": lambda: pod_disruption_budget(options),
