@@ -186,6 +186,21 @@ def deployment(options: RoutesOptions, config: Config) -> dict[str, Any]:
                 "spec": {
                     "terminationGracePeriodSeconds": drain_total,
                     "automountServiceAccountToken": False,
+                    # Replicas on different nodes where possible: one node's drain or loss
+                    # then takes one replica, which is what the PodDisruptionBudget assumes.
+                    "affinity": {
+                        "podAntiAffinity": {
+                            "preferredDuringSchedulingIgnoredDuringExecution": [
+                                {
+                                    "weight": 100,
+                                    "podAffinityTerm": {
+                                        "labelSelector": {"matchLabels": _selector(options)},
+                                        "topologyKey": "kubernetes.io/hostname",
+                                    },
+                                }
+                            ]
+                        }
+                    },
                     "securityContext": {
                         "runAsNonRoot": True,
                         "runAsUser": 65532,
