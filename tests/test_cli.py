@@ -153,7 +153,7 @@ def test_app_found_from_environment_and_pyproject(tmp_path: Path) -> None:
     from_pyproject = serve_in({})
     assert "meshrpc: error: module 'svc' has no attribute 'nothere'" in from_pyproject.stderr
     from_env = serve_in({"MESHRPC_APP": "svc:app"})  # the environment wins over pyproject.toml
-    assert "invalid setting port (MESHRPC_PORT): must be 0..65535, got 70000" in from_env.stderr
+    assert "invalid setting port (MESHRPC_PORT / --port): must be 0..65535, got 70000" in from_env.stderr
     (tmp_path / "pyproject.toml").unlink()
     nothing = serve_in({})
     assert nothing.returncode == 1

@@ -20,11 +20,11 @@ def test_defaults_fit_kubernetes() -> None:
 @pytest.mark.parametrize(
     ("changes", "message"),
     [
-        ({"port": 70000}, r"invalid setting port \(MESHRPC_PORT\): must be 0..65535"),
-        ({"grace": -1.0}, r"invalid setting grace \(MESHRPC_GRACE\)"),
+        ({"port": 70000}, r"invalid setting port \(MESHRPC_PORT / --port\): must be 0..65535"),
+        ({"grace": -1.0}, r"invalid setting grace \(MESHRPC_GRACE / --grace\)"),
         ({"drain_delay": float("nan")}, r"invalid setting drain_delay"),
         ({"max_concurrent_rpcs": 0}, r"invalid setting max_concurrent_rpcs"),
-        ({"mesh": "linkerd"}, r"invalid setting mesh \(MESHRPC_MESH\): must be one of auto, istio-sidecar"),
+        ({"mesh": "linkerd"}, r"invalid setting mesh \(MESHRPC_MESH / --mesh\): must be one of auto, istio-sidecar"),
         ({"liveness_service": ""}, r"invalid setting liveness_service"),
         ({"max_receive_message_size": 0}, r"invalid setting max_receive_message_size"),
         ({"sidecar_ready_url": "ftp://x"}, r"invalid setting sidecar_ready_url"),
@@ -63,8 +63,8 @@ def test_environment_parsing() -> None:
 @pytest.mark.parametrize(
     ("env", "message"),
     [
-        ({"MESHRPC_PORT": "eighty"}, r"invalid setting port \(MESHRPC_PORT\): 'eighty'"),
-        ({"MESHRPC_REFLECTION": "maybe"}, r"invalid setting reflection \(MESHRPC_REFLECTION\)"),
+        ({"MESHRPC_PORT": "eighty"}, r"invalid setting port \(MESHRPC_PORT / --port\): 'eighty'"),
+        ({"MESHRPC_REFLECTION": "maybe"}, r"invalid setting reflection \(MESHRPC_REFLECTION / --reflection\)"),
     ],
 )
 def test_bad_environment_values(env: dict[str, str], message: str) -> None:

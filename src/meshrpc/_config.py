@@ -168,9 +168,13 @@ class Config:
         return dataclasses.replace(self, **changes)
 
 
+def _where(name: str) -> str:
+    return f"{name} ({env_name(name)} / --{name.replace('_', '-')})"
+
+
 def _require(ok: bool, name: str, problem: str) -> None:
     if not ok:
-        raise ConfigError(f"invalid setting {name} ({ENV_PREFIX}{name.upper()}): {problem}")
+        raise ConfigError(f"invalid setting {_where(name)}: {problem}")
 
 
 def env_name(field_name: str) -> str:
@@ -209,7 +213,7 @@ def parse_value(field_name: str, text: str) -> Any:
         if hint is float:
             return float(raw)
     except ValueError as exc:
-        raise ConfigError(f"invalid setting {field_name} ({env_name(field_name)}): {text!r}: {exc}") from None
+        raise ConfigError(f"invalid setting {_where(field_name)}: {text!r}: {exc}") from None
     return raw
 
 

@@ -110,11 +110,8 @@ class RoutesOptions:
         if not self.gateway:
             kinds = tuple(k for k in kinds if k != "Gateway")
         if self.mesh_routing and self.flavour == "istio":
-            kinds = tuple(
-                k
-                for pair in ((k, "MeshVirtualService") if k == "VirtualService" else (k,) for k in kinds)
-                for k in pair
-            )
+            at = kinds.index("VirtualService") + 1
+            kinds = (*kinds[:at], "MeshVirtualService", *kinds[at:])
         return kinds + (("HeadlessService",) if self.headless else ())
 
     @property
