@@ -129,7 +129,7 @@ def _final_code(context: grpc.aio.ServicerContext[Any, Any], exc: BaseException 
 class _Observation:
     """One RPC's telemetry: started before the handler, finished after it."""
 
-    __slots__ = ("attrs", "context", "received", "sent", "span", "spec", "start", "telemetry", "tools")
+    __slots__ = ("context", "received", "sent", "span", "spec", "start", "token", "tools")
 
     def __init__(self, tools: _Tools, spec: MethodSpec, context: grpc.aio.ServicerContext[Any, Any]) -> None:
         self.tools = tools
@@ -153,8 +153,12 @@ class _Observation:
             )
         if tools.instruments is not None:
             tools.instruments.active.add(1, tools.metric_attrs[spec.path])
+        # The span is current while the handler runs: its own spans and log lines nest under it.
+        self.token = otel_context.attach(trace.set_span_in_context(self.span)) if self.span is not None else None
 
     def finish(self, exc: BaseException | None) -> None:
+        if self.token is not None:
+            otel_context.detach(self.token)
         tools, spec = self.tools, self.spec
         code = _final_code(self.context, exc)
         elapsed_ms = (time.perf_counter() - self.start) * 1000
@@ -219,56 +223,45 @@ class _Tools:
             }
 
 
+async def _counted(requests: AsyncIterator[Any], obs: _Observation) -> AsyncIterator[Any]:
+    async for request in requests:
+        obs.received += 1
+        yield request
+
+
 def observer(telemetry: Telemetry, specs: list[MethodSpec]) -> Callable[[MethodSpec, Handler], Handler]:
     """A middleware that observes each RPC as ``telemetry`` asks; keeps the handler's shape."""
     tools = _Tools(telemetry, specs)
 
     def middleware(spec: MethodSpec, impl: Handler) -> Handler:
-        observe = _Observation
         counts_requests = tools.instruments is not None and spec.kind in (RpcKind.STREAM_UNARY, RpcKind.STREAM_STREAM)
-
-        def counted(requests: AsyncIterator[Any], obs: _Observation) -> AsyncIterator[Any]:
-            async def gen() -> AsyncIterator[Any]:
-                async for request in requests:
-                    obs.received += 1
-                    yield request
-
-            return gen()
 
         if inspect.isasyncgenfunction(impl):
 
             async def observed_stream(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
-                obs = observe(tools, spec, context)
+                obs = _Observation(tools, spec, context)
                 error: BaseException | None = None
-                span = obs.span
-                token = otel_context.attach(trace.set_span_in_context(span)) if span is not None else None
                 try:
-                    async for reply in impl(counted(request, obs) if counts_requests else request, context):
+                    async for reply in impl(_counted(request, obs) if counts_requests else request, context):
                         obs.sent += 1
                         yield reply
                 except BaseException as exc:
                     error = exc
                     raise
                 finally:
-                    if token is not None:
-                        otel_context.detach(token)
                     obs.finish(error)
 
             return observed_stream
 
         async def observed(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-            obs = observe(tools, spec, context)
+            obs = _Observation(tools, spec, context)
             error: BaseException | None = None
-            span = obs.span
-            token = otel_context.attach(trace.set_span_in_context(span)) if span is not None else None
             try:
-                return await impl(counted(request, obs) if counts_requests else request, context)
+                return await impl(_counted(request, obs) if counts_requests else request, context)
             except BaseException as exc:
                 error = exc
                 raise
             finally:
-                if token is not None:
-                    otel_context.detach(token)
                 obs.finish(error)
 
         return observed
