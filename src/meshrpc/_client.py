@@ -19,7 +19,7 @@ from typing import Any
 import grpc
 
 from . import _mesh
-from ._outbound import OutboundInterceptor
+from ._outbound import CallDetailsInterceptor, OutboundInterceptor
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,38 +74,18 @@ def service_config(mesh: str, retry: RetryPolicy | None, health_check: bool) -> 
     return config
 
 
-class _SidecarGate(
-    grpc.aio.UnaryUnaryClientInterceptor,
-    grpc.aio.UnaryStreamClientInterceptor,
-    grpc.aio.StreamUnaryClientInterceptor,
-    grpc.aio.StreamStreamClientInterceptor,
-):
+class _SidecarGate(CallDetailsInterceptor):
     """Holds calls until the sidecar is ready (once per channel, bounded)."""
 
     def __init__(self, url: str, timeout: float) -> None:
         self._url, self._timeout = url, timeout
         self._ready: asyncio.Future[None] | None = None
 
-    async def _wait(self) -> None:
+    async def prepare(self, details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
         if self._ready is None:
             self._ready = asyncio.ensure_future(_mesh.wait_for_sidecar(self._url, self._timeout))
         await asyncio.shield(self._ready)
-
-    async def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
-        await self._wait()
-        return await continuation(details, request)
-
-    async def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
-        await self._wait()
-        return await continuation(details, request)
-
-    async def intercept_stream_unary(self, continuation: Any, details: Any, request_iterator: Any) -> Any:
-        await self._wait()
-        return await continuation(details, request_iterator)
-
-    async def intercept_stream_stream(self, continuation: Any, details: Any, request_iterator: Any) -> Any:
-        await self._wait()
-        return await continuation(details, request_iterator)
+        return details
 
 
 def channel(

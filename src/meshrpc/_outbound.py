@@ -80,12 +80,31 @@ class DeadlineExpired(grpc.aio.AioRpcError):
         )
 
 
-class OutboundInterceptor(
+class CallDetailsInterceptor(
     grpc.aio.UnaryUnaryClientInterceptor,
     grpc.aio.UnaryStreamClientInterceptor,
     grpc.aio.StreamUnaryClientInterceptor,
     grpc.aio.StreamStreamClientInterceptor,
 ):
+    """A client interceptor for every RPC kind that only prepares each call's details."""
+
+    async def prepare(self, details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
+        return details
+
+    async def intercept_unary_unary(self, continuation: Any, client_call_details: Any, request: Any) -> Any:
+        return await continuation(await self.prepare(client_call_details), request)
+
+    async def intercept_unary_stream(self, continuation: Any, client_call_details: Any, request: Any) -> Any:
+        return await continuation(await self.prepare(client_call_details), request)
+
+    async def intercept_stream_unary(self, continuation: Any, client_call_details: Any, request_iterator: Any) -> Any:
+        return await continuation(await self.prepare(client_call_details), request_iterator)
+
+    async def intercept_stream_stream(self, continuation: Any, client_call_details: Any, request_iterator: Any) -> Any:
+        return await continuation(await self.prepare(client_call_details), request_iterator)
+
+
+class OutboundInterceptor(CallDetailsInterceptor):
     """A client interceptor for every RPC kind: forwards trace headers, propagates the deadline.
 
     ``propagate_trace``: add :func:`outgoing_metadata` to every call.
@@ -97,6 +116,9 @@ class OutboundInterceptor(
     def __init__(self, *, propagate_trace: bool = True, propagate_deadline: bool = True) -> None:
         self.propagate_trace = propagate_trace
         self.propagate_deadline = propagate_deadline
+
+    async def prepare(self, details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
+        return self._details(details)
 
     def _details(self, details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
         timeout = details.timeout
@@ -113,15 +135,3 @@ class OutboundInterceptor(
         return grpc.aio.ClientCallDetails(
             details.method, timeout, metadata, details.credentials, details.wait_for_ready
         )
-
-    async def intercept_unary_unary(self, continuation: Any, client_call_details: Any, request: Any) -> Any:
-        return await continuation(self._details(client_call_details), request)
-
-    async def intercept_unary_stream(self, continuation: Any, client_call_details: Any, request: Any) -> Any:
-        return await continuation(self._details(client_call_details), request)
-
-    async def intercept_stream_unary(self, continuation: Any, client_call_details: Any, request_iterator: Any) -> Any:
-        return await continuation(self._details(client_call_details), request_iterator)
-
-    async def intercept_stream_stream(self, continuation: Any, client_call_details: Any, request_iterator: Any) -> Any:
-        return await continuation(self._details(client_call_details), request_iterator)
