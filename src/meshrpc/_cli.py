@@ -80,17 +80,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _load(ns: argparse.Namespace) -> App:
+def _load(ns: argparse.Namespace) -> tuple[str, App]:
+    """The app's ``module:attr`` reference (argument, MESHRPC_APP or pyproject.toml) and the App."""
     cwd = Path.cwd()
     reference = _discovery.app_reference(ns.app, os.environ, cwd)
-    return _discovery.load_app(reference, cwd)
+    return reference, _discovery.load_app(reference, cwd)
 
 
 def _serve(ns: argparse.Namespace) -> int:
     env = _config.from_env(os.environ)
     flags = _settings_from_args(ns)
     _logging.configure(flags.get("log_level") or env.get("log_level") or "info")
-    app = _load(ns)
+    _, app = _load(ns)
     config = app.config.replace(**{**env, **flags})
     _logging.configure(config.log_level)
     return asyncio.run(app.serve(config, install_signal_handlers=True))

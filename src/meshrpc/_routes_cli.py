@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import argparse
 import difflib
-import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from . import _config, _discovery, _routes
+from . import _config, _routes
 from ._app import App
 
 DESCRIPTION = """\
@@ -111,9 +110,8 @@ def render(ns: argparse.Namespace, app: App, app_ref: str) -> tuple[list[dict[st
     return documents, text, _routes.notes(options, app.services)
 
 
-def run_routes(ns: argparse.Namespace, load: Callable[[argparse.Namespace], App]) -> int:
-    app_ref = _discovery.app_reference(ns.app, os.environ, Path.cwd())
-    app = load(ns)
+def run_routes(ns: argparse.Namespace, load: Callable[[argparse.Namespace], tuple[str, App]]) -> int:
+    app_ref, app = load(ns)
     documents, text, notes = render(ns, app, app_ref)
     for note in notes:
         print(f"meshrpc routes: note: {note}", file=sys.stderr)

@@ -14,9 +14,12 @@ import grpc
 current_rpc: contextvars.ContextVar[grpc.aio.ServicerContext[Any, Any]] = contextvars.ContextVar("meshrpc_rpc")
 
 
-def incoming_metadata() -> dict[str, str]:
-    """The current RPC's request metadata (text keys only); empty outside a handler."""
-    context = current_rpc.get(None)
-    if context is None:
-        return {}
+def text_metadata(context: grpc.aio.ServicerContext[Any, Any]) -> dict[str, str]:
+    """An RPC's request metadata as a dict, text values only (binary ``-bin`` keys left out)."""
     return {key: value for key, value in (context.invocation_metadata() or ()) if isinstance(value, str)}
+
+
+def incoming_metadata() -> dict[str, str]:
+    """The current RPC's request metadata (text values only); empty outside a handler."""
+    context = current_rpc.get(None)
+    return text_metadata(context) if context is not None else {}

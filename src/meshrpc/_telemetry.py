@@ -27,7 +27,7 @@ from opentelemetry.propagators.textmap import Getter
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from ._errors import StatusError
-from ._rpc_context import incoming_metadata
+from ._rpc_context import incoming_metadata, text_metadata
 from ._service import MethodSpec, RpcKind
 from ._version import __version__
 
@@ -140,7 +140,7 @@ class _Observation:
         self.sent = 0
         self.span: trace.Span | None = None
         if tools.tracer is not None:
-            metadata = {k: v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
+            metadata = text_metadata(context)
             # Extract only when a propagator's header came in: most of the cost otherwise.
             parent = propagate.extract(metadata, getter=_GETTER) if not tools.fields.isdisjoint(metadata) else None
             host, port = _peer_address(context.peer() or "")
