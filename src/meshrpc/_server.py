@@ -219,10 +219,11 @@ class Server:
             except Exception:
                 logger.exception("lifespan shutdown of app %s failed", self.app.name)
                 self.exit_code = 1
-        flush_telemetry()
         if self._otel_shutdown is not None:
-            self._otel_shutdown()
+            self._otel_shutdown()  # meshrpc's own providers: shutting down flushes them
             self._otel_shutdown = None
+        else:
+            flush_telemetry()  # the user's providers: flush, and leave them to their owner
 
     def _options(self) -> list[tuple[str, Any]]:
         config = self.config
