@@ -1,10 +1,24 @@
-"""Validate manifests as a real API server would: official schemas, unknown fields rejected."""
+"""Validate manifests as a real API server would.
+
+Two levels, so that a clone with nothing beside it still checks every document:
+
+- always: Kubernetes core kinds with kubernetes-validate (strict), Istio and Gateway
+  API kinds with @kubernetes-models' validators (generated from the official CRDs,
+  installed into tests/node by README's test command);
+- where the official CRDs are found (``../shared/schemas`` beside the clone, or the
+  folder named by ``MESHRPC_TEST_CRDS``): their own schemas with unknown fields
+  rejected, and their CEL rules.  ``MESHRPC_TEST_CRDS=`` (empty) hides them.
+"""
 
 from __future__ import annotations
 
 import copy
 import functools
+import json
+import os
 import re
+import subprocess
+from pathlib import Path
 from typing import Any
 
 import celpy
@@ -12,9 +26,25 @@ import jsonschema
 import kubernetes_validate
 import yaml
 
-from tests.helpers import ROOT
+from tests.helpers import NODE_CLIENTS, ROOT
 
-SHARED = ROOT.parent / "shared" / "schemas"
+CRDS_VARIABLE = "MESHRPC_TEST_CRDS"
+CRD_SETS = ("istio-1.30.3", "gateway-api-v1.6.1")
+
+
+def crd_dir() -> Path | None:
+    """Where the official CRDs are, or None when this clone has none beside it."""
+    given = os.environ.get(CRDS_VARIABLE)
+    folder = Path(given) if given else ROOT.parent / "shared" / "schemas"
+    if given == "" or not all((folder / name).is_dir() for name in CRD_SETS):
+        return None
+    return folder
+
+
+NO_CRDS_REASON = (
+    f"the official CRDs ({', '.join(CRD_SETS)}) are not beside this clone: put them in ../shared/schemas "
+    f"or name their folder in {CRDS_VARIABLE} to run the strict checks (unknown fields, CEL rules)"
+)
 K8S_VERSIONS = ("1.30.0", kubernetes_validate.latest_version())
 CORE_KINDS = {"Deployment", "Service", "PodDisruptionBudget"}
 _NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
@@ -35,8 +65,10 @@ def _strict(schema: Any) -> Any:
 @functools.cache
 def crd_schemas() -> dict[tuple[str, str], dict[str, Any]]:
     """(apiVersion, kind) -> strict JSON schema, for every served version of every CRD."""
-    files = [*(SHARED / "istio-1.30.3").glob("*.yaml"), *(SHARED / "gateway-api-v1.6.1").glob("*.yaml")]
-    assert files, f"no CRDs under {SHARED}"
+    folder = crd_dir()
+    assert folder is not None, NO_CRDS_REASON
+    files = [path for name in CRD_SETS for path in (folder / name).glob("*.yaml")]
+    assert files, f"no CRDs under {folder}"
     schemas = {}
     for path in files:
         for crd in yaml.safe_load_all(path.read_text()):
@@ -154,14 +186,47 @@ def cel_violations(schema: dict[str, Any], value: Any, path: str = "") -> list[s
     return found
 
 
-def validate(document: dict[str, Any]) -> None:
-    """Raise when ``document`` would be rejected by Kubernetes (strict field validation)."""
-    kind = document["kind"]
-    _check_metadata(document)
-    if kind in CORE_KINDS:
-        for version in K8S_VERSIONS:
-            kubernetes_validate.validate(document, version, strict=True)
+def model_errors(documents: list[dict[str, Any]]) -> list[str | None]:
+    """What @kubernetes-models' CRD-generated validators say of each document (None: valid)."""
+    script = NODE_CLIENTS / "validate.mjs"
+    assert (NODE_CLIENTS / "node_modules" / "@kubernetes-models").is_dir(), (
+        "the CRD validators are missing: run 'npm install --prefix tests/node'"
+    )
+    result = subprocess.run(
+        ["node", str(script)], input=json.dumps(documents), capture_output=True, text=True, timeout=60, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    errors: list[str | None] = json.loads(result.stdout)
+    return errors
+
+
+class ManifestError(AssertionError):
+    """A document an API server would reject."""
+
+
+def validate(*documents: dict[str, Any]) -> None:
+    """Raise when any of ``documents`` would be rejected by Kubernetes (strict field validation)."""
+    custom = []
+    for document in documents:
+        _check_metadata(document)
+        if document["kind"] in CORE_KINDS:
+            for version in K8S_VERSIONS:
+                kubernetes_validate.validate(document, version, strict=True)
+        else:
+            custom.append(document)
+    if not custom:
         return
+    problems = [error for error in model_errors(custom) if error]
+    if problems:
+        raise ManifestError("; ".join(problems))
+    if crd_dir() is None:
+        return
+    for document in custom:
+        _validate_with_crds(document)
+
+
+def _validate_with_crds(document: dict[str, Any]) -> None:
+    kind = document["kind"]
     schema = crd_schemas().get((document["apiVersion"], kind))
     assert schema is not None, f"{document['apiVersion']} {kind} is not served by the official CRDs"
     jsonschema.validate(document, schema, cls=jsonschema.Draft7Validator)

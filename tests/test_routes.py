@@ -17,7 +17,7 @@ from meshrpc._routes import RoutesError, RoutesOptions, grace_period, manifests
 from meshrpc._routing import RETRY_ON
 from tests.helpers import ROOT
 from tests.helpers import meshrpc as meshrpc_cli
-from tests.schemas import validate
+from tests.schemas import NO_CRDS_REASON, ManifestError, crd_dir, validate
 
 GOLDEN = Path(__file__).parent / "golden"
 REMOVED_APIS = ("extensions/v1beta1", "apps/v1beta1", "apps/v1beta2", "v1alpha3", "v1beta1", "policy/v1beta1")
@@ -95,24 +95,45 @@ def test_every_document_validates_strictly(args: tuple[str, ...]) -> None:
     assert result.returncode == 0, result.stderr
     docs = documents(result.stdout)
     assert len(docs) >= 5
-    for document in docs:
-        validate(document)
+    validate(*docs)
     assert not any(api in d["apiVersion"] for d in docs for api in REMOVED_APIS)
     assert istio_webhook_problems(docs) == []
+
+
+needs_crds = pytest.mark.skipif(crd_dir() is None, reason=NO_CRDS_REASON)
 
 
 def test_validator_rejects_what_an_api_server_rejects() -> None:
     docs = manifests(greeter_app.services, greeter_app.config, RoutesOptions(name="greeter", app_ref="x:y"))
     vs = next(d for d in docs if d["kind"] == "VirtualService")
-    vs["spec"]["http"][0]["retires"] = {"attempts": 3}  # a typo: unknown field
-    with pytest.raises(jsonschema.ValidationError, match="retires"):
-        validate(vs)
+    wrong_type = {**vs, "spec": {**vs["spec"], "hosts": [443]}}  # a number where the CRD says string
+    with pytest.raises(ManifestError, match="hosts/0 must be string"):
+        validate(wrong_type)
+    route = next(
+        d
+        for d in manifests(
+            greeter_app.services, greeter_app.config, RoutesOptions(name="g", app_ref="x:y", flavour="gateway-api")
+        )
+        if d["kind"] == "GRPCRoute"
+    )
+    route["spec"]["rules"][0]["matches"][0]["method"]["type"] = "Prefix"  # not a GRPCMethodMatchType
+    with pytest.raises(ManifestError, match="GRPCRoute"):
+        validate(route)
     shared = {**vs, "spec": {**vs["spec"], "gateways": ["greeter-gateway", "mesh"]}}  # one VS for both
     assert "wildcard host * is not allowed" in istio_webhook_problems([shared])[0]
     deployment = next(d for d in docs if d["kind"] == "Deployment")
     deployment["spec"]["template"]["spec"]["containers"][0]["readinesProbe"] = {}
     with pytest.raises(Exception, match="readinesProbe"):
         validate(deployment)
+
+
+@needs_crds
+def test_official_crds_reject_unknown_fields() -> None:
+    docs = manifests(greeter_app.services, greeter_app.config, RoutesOptions(name="greeter", app_ref="x:y"))
+    vs = next(d for d in docs if d["kind"] == "VirtualService")
+    vs["spec"]["http"][0]["retires"] = {"attempts": 3}  # a typo: unknown field
+    with pytest.raises(jsonschema.ValidationError, match="retires"):
+        validate(vs)
 
 
 def test_main_service_scenario() -> None:
@@ -302,6 +323,7 @@ def test_bad_route_options_fail_when_the_app_is_loaded(kwargs: dict[str, Any], m
     assert "Method" in str(info.value)  # names the method
 
 
+@needs_crds
 def test_cel_rules_of_the_crds_are_checked() -> None:
     """The CRDs' CEL rules (x-kubernetes-validations) are enforced, not only their JSON schema."""
     from tests.schemas import cel_violations, crd_schemas
