@@ -139,9 +139,9 @@ def test_app_found_from_environment_and_pyproject(tmp_path: Path) -> None:
     )
 
     def serve_in(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-        # An invalid port makes serve stop right after loading the app.
+        # A host that is no address makes serve stop when it binds, right after loading the app.
         return subprocess.run(
-            [str(BIN / "meshrpc"), "serve", "--port", "70000"],
+            [str(BIN / "meshrpc"), "serve", "--host", "999.1.1.1", "--mesh", "none"],
             cwd=tmp_path,
             capture_output=True,
             text=True,
@@ -153,7 +153,7 @@ def test_app_found_from_environment_and_pyproject(tmp_path: Path) -> None:
     from_pyproject = serve_in({})
     assert "meshrpc: error: module 'svc' has no attribute 'nothere'" in from_pyproject.stderr
     from_env = serve_in({"MESHRPC_APP": "svc:app"})  # the environment wins over pyproject.toml
-    assert "invalid setting port (MESHRPC_PORT / --port): must be 0..65535, got 70000" in from_env.stderr
+    assert "cannot listen on 999.1.1.1:50051: '999.1.1.1' is not an address" in from_env.stderr
     (tmp_path / "pyproject.toml").unlink()
     nothing = serve_in({})
     assert nothing.returncode == 1

@@ -50,7 +50,7 @@ def _settings_from_args(ns: argparse.Namespace) -> dict[str, Any]:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog=PROG, description="Serve gRPC apps on Kubernetes and Istio, and write their manifests."
+        prog=PROG, description="Serve gRPC apps on Kubernetes and Istio, and write their manifests.", allow_abbrev=False
     )
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -60,8 +60,27 @@ def build_parser() -> argparse.ArgumentParser:
         help="serve an app: health, reflection and a graceful drain on SIGTERM",
         description="Serve a meshrpc.App until SIGTERM or SIGINT, then drain without losing requests. "
         "Settings: the app's code, then MESHRPC_* variables, then these flags (the last one wins).",
+        allow_abbrev=False,
     )
     _add_app_argument(serve)
+    dev = serve.add_argument_group("running")
+    dev.add_argument(
+        "--reload",
+        action="store_true",
+        help="development: restart when a .py file under the current directory changes, with no drain delay "
+        "(needs the 'reload' extra: pip install 'meshrpc[reload]')",
+    )
+    logs = dev.add_mutually_exclusive_group()
+    logs.add_argument(
+        "--log-config",
+        metavar="FILE",
+        help="configure logging from FILE (.json or .yaml: logging dictConfig; else an ini fileConfig)",
+    )
+    logs.add_argument(
+        "--no-log-config",
+        action="store_true",
+        help="leave logging entirely to the app (by default meshrpc logs to stderr unless the app set up logging)",
+    )
     _add_setting_flags(serve)
 
     health = commands.add_parser(
@@ -69,6 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="check a server's gRPC health: exit 0 SERVING, 1 not serving or unknown, 2 unreachable",
         description="Ask TARGET's grpc.health.v1 service once and print one line. Exit status: 0 when "
         "SERVING, 1 when NOT_SERVING or the service is unknown, 2 when the server cannot be reached.",
+        allow_abbrev=False,
     )
     health.add_argument("target", metavar="TARGET", help="host:port of the server, e.g. 127.0.0.1:50051")
     health.add_argument("--service", default="", help="health name to check ('' = the server's readiness)")
@@ -87,13 +107,20 @@ def _load(ns: argparse.Namespace) -> tuple[str, App]:
     return reference, _discovery.load_app(reference, cwd)
 
 
-def _serve(ns: argparse.Namespace) -> int:
+def _serve(ns: argparse.Namespace, argv: Sequence[str]) -> int:
     env = _config.from_env(os.environ)
     flags = _settings_from_args(ns)
-    _logging.configure(flags.get("log_level") or env.get("log_level") or "info")
+    _config.Config().replace(**{**env, **flags})  # every given value is valid before anything starts
+    if ns.reload:
+        from ._reload import serve_with_reload
+
+        return serve_with_reload(argv, Path.cwd())
     _, app = _load(ns)
     config = app.config.replace(**{**env, **flags})
-    _logging.configure(config.log_level)
+    if ns.log_config:
+        _logging.configure_from_file(ns.log_config)
+    elif not ns.no_log_config:
+        _logging.configure(config.log_level)
     return asyncio.run(app.serve(config, install_signal_handlers=True))
 
 
@@ -120,12 +147,23 @@ def _health(ns: argparse.Namespace) -> int:
     return 0 if reply.status == health_pb2.HealthCheckResponse.SERVING else 1
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def _parse(argv: Sequence[str]) -> argparse.Namespace:
     parser = build_parser()
-    ns = parser.parse_args(argv)
+    ns, unknown = parser.parse_known_args(argv)
+    if unknown:  # the subcommand's usage, not the top-level one, says what it takes
+        commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        commands.choices[ns.command].error(f"unrecognized arguments: {' '.join(unknown)}")
+    return ns
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    ns = _parse(args)
+    for warning in _config.unknown_variables(os.environ):
+        print(f"{PROG}: warning: {warning}", file=sys.stderr)
     try:
         if ns.command == "serve":
-            return _serve(ns)
+            return _serve(ns, args)
         if ns.command == "health":
             return _health(ns)
         from ._routes_cli import run_routes

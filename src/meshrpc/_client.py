@@ -99,16 +99,19 @@ def channel(
     credentials: grpc.ChannelCredentials | None = None,
     interceptors: Sequence[Any] = (),
     options: Sequence[tuple[str, Any]] = (),
-    sidecar_ready_url: str = "http://127.0.0.1:15021/healthz/ready",
-    sidecar_ready_timeout: float = 60.0,
+    sidecar_ready_url: str | None = None,
+    sidecar_ready_timeout: float | None = None,
 ) -> grpc.aio.Channel:
     """A ``grpc.aio`` channel to ``target`` with meshrpc's defaults (an async context manager).
 
     ``mesh``: "istio-sidecar", "ambient" or "none"; by default the mode of the meshrpc
     server running in this process, else "none".  ``retry=None`` turns retries off;
-    ``options`` are added last, so they override meshrpc's.
+    ``options`` are added last, so they override meshrpc's.  The sidecar's readiness URL
+    and wait default to the running server's settings (``sidecar_ready_url``,
+    ``sidecar_ready_timeout``: 120 s unless configured).
     """
-    mode = mesh or _mesh.current_mode() or _mesh.NONE
+    server_mesh = _mesh.current() or _mesh.MeshInfo(_mesh.NONE, "no meshrpc server in this process")
+    mode = mesh or server_mesh.mode
     config = service_config(mode, retry, health_check)
     all_options: list[tuple[str, Any]] = [
         *KEEPALIVE_OPTIONS,
@@ -118,7 +121,12 @@ def channel(
     ]
     chain: list[Any] = []
     if mode == _mesh.SIDECAR:
-        chain.append(_SidecarGate(sidecar_ready_url, sidecar_ready_timeout))
+        chain.append(
+            _SidecarGate(
+                sidecar_ready_url or server_mesh.sidecar_ready_url,
+                sidecar_ready_timeout if sidecar_ready_timeout is not None else server_mesh.sidecar_ready_timeout,
+            )
+        )
     if propagate_trace or propagate_deadline:
         chain.append(OutboundInterceptor(propagate_trace=propagate_trace, propagate_deadline=propagate_deadline))
     chain.extend(interceptors)

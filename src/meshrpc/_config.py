@@ -8,6 +8,7 @@ and the CLI read the outside world; everything else receives a ``Config``.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import types
 import typing
@@ -87,6 +88,9 @@ class Config:
     log_level: str = _setting("info", "Log level: debug, info, warning or error.")
 
     def __post_init__(self) -> None:
+        _check_types(self)
+        # Levels are names, not case-sensitive words: DEBUG and debug mean the same.
+        object.__setattr__(self, "log_level", self.log_level.lower())
         _require(self.host != "", "host", "must not be empty")
         _require(0 <= self.port <= 65535, "port", f"must be 0..65535, got {self.port}")
         for name in ("max_receive_message_size", "max_send_message_size"):
@@ -168,6 +172,30 @@ class Config:
         return dataclasses.replace(self, **changes)
 
 
+_TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+
+
+def _check_types(config: Config) -> None:
+    """Each setting has its declared type (ints are accepted as floats, and made floats)."""
+    for name, hint in _HINTS.items():
+        value = getattr(config, name)
+        optional = typing.get_origin(hint) in (Union, types.UnionType)
+        base = next(a for a in typing.get_args(hint) if a is not type(None)) if optional else hint
+        if optional and value is None:
+            continue
+        if typing.get_origin(base) is Literal:
+            base = str
+        ok = isinstance(value, base) and (base is bool or not isinstance(value, bool))
+        if base is float and isinstance(value, int) and not isinstance(value, bool):
+            object.__setattr__(config, name, float(value))
+            ok = True
+        if not ok:
+            expected = _TYPE_NAMES[base] + (" or None" if optional else "")
+            raise ConfigError(
+                f"invalid setting {_where(name)}: must be {expected}, got {type(value).__name__} {value!r}"
+            )
+
+
 def _where(name: str) -> str:
     return f"{name} ({env_name(name)} / --{name.replace('_', '-')})"
 
@@ -200,6 +228,8 @@ def parse_value(field_name: str, text: str) -> Any:
     raw = text.strip()
     if optional and raw.lower() in ("", "none", "off"):
         return None
+    if raw == "":
+        raise ConfigError(f"invalid setting {_where(field_name)}: the value is empty")
     try:
         if hint is bool:
             lowered = raw.lower()
@@ -215,6 +245,23 @@ def parse_value(field_name: str, text: str) -> Any:
     except ValueError as exc:
         raise ConfigError(f"invalid setting {_where(field_name)}: {text!r}: {exc}") from None
     return raw
+
+
+# MESHRPC_* variables that are not settings but are read elsewhere at the edge.
+OTHER_VARIABLES = frozenset({"MESHRPC_APP"})
+
+
+def unknown_variables(environ: Mapping[str, str]) -> list[str]:
+    """A warning for each ``MESHRPC_*`` variable that is no setting, naming the close match."""
+    known = {env_name(f.name) for f in settings()} | OTHER_VARIABLES
+    warnings = []
+    for name in sorted(environ):
+        if not name.startswith(ENV_PREFIX) or name in known:
+            continue
+        close = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.75)
+        hint = f"; did you mean {close[0]}?" if close else ""
+        warnings.append(f"{name} is not a meshrpc setting and is ignored{hint}")
+    return warnings
 
 
 def from_env(environ: Mapping[str, str]) -> dict[str, Any]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import sys
+import traceback
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -39,6 +40,12 @@ def app_reference(given: str | None, environ: Mapping[str, str], cwd: Path) -> s
     raise AppError(f"no app given: {HOW_TO_SET}")
 
 
+def _import_chain(exc: BaseException) -> list[str]:
+    """The project's source lines that led to ``exc``, outermost first (importlib's own left out)."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    return [f"{Path(f.filename).name}:{f.lineno}" for f in frames if "importlib" not in f.filename]
+
+
 def load_app(reference: str, cwd: Path) -> App:
     """Import ``module:attr`` with ``cwd`` importable (as uvicorn does) and return the App."""
     module_name, sep, attr = reference.partition(":")
@@ -49,9 +56,14 @@ def load_app(reference: str, cwd: Path) -> App:
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
-        if exc.name and module_name.startswith(exc.name):
-            raise AppError(f"cannot import module {module_name!r} (from {cwd})") from None
-        raise
+        missing = exc.name or ""
+        if missing == module_name or module_name.startswith(missing + "."):
+            raise AppError(f"cannot import module {module_name!r}: no module {missing!r} (from {cwd})") from None
+        # The app's module exists, but something it imports does not: say what, and where.
+        chain = " -> ".join(_import_chain(exc))
+        raise AppError(
+            f"importing {module_name!r} failed: {exc}" + (f" (imported by {chain})" if chain else "")
+        ) from None
     value: object = module
     for part in attr.split("."):
         try:
@@ -59,5 +71,7 @@ def load_app(reference: str, cwd: Path) -> App:
         except AttributeError:
             raise AppError(f"module {module_name!r} has no attribute {attr!r}") from None
     if not isinstance(value, App):
-        raise AppError(f"{reference} is a {type(value).__name__}, not a meshrpc.App")
+        kind = type(value).__name__
+        article = "an" if kind[:1].lower() in "aeiou" else "a"
+        raise AppError(f"{reference} is {article} {kind}, not a meshrpc.App")
     return value

@@ -7,6 +7,7 @@ decided here at registration, so an RPC pays for one coroutine frame and a
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import logging
 from collections.abc import AsyncIterator, Callable
@@ -23,6 +24,22 @@ logger = logging.getLogger("meshrpc.handlers")
 
 Handler = Callable[..., Any]
 INTERNAL_DETAILS = "Internal server error"
+
+
+class InFlight:
+    """The RPCs of the app's own services being served, and an optional limit on them.
+
+    The limit is meshrpc's rather than grpc core's ``maximum_concurrent_rpcs``, which
+    counts every RPC: with it, slow calls could make the health service answer
+    RESOURCE_EXHAUSTED and a liveness probe restart a healthy pod.
+    """
+
+    __slots__ = ("cancelled", "count", "limit")
+
+    def __init__(self, limit: int | None = None) -> None:
+        self.count = 0
+        self.limit = limit if limit is not None else 1 << 62
+        self.cancelled = 0  # cancelled handlers since the last reset (the drain counts them)
 
 
 class _Malformed:
@@ -49,12 +66,35 @@ def _deserializer(spec: MethodSpec) -> Callable[[bytes], Any]:
     return deserialize
 
 
+# What a handler may raise that is its own bug, to be answered INTERNAL.  SystemExit
+# and KeyboardInterrupt are among them: let through, they would unwind grpc's
+# Cython RPC loop and the event loop under it (the process crashed).
+HANDLER_ERRORS = (Exception, SystemExit, KeyboardInterrupt)
+
+
 async def _fail(context: grpc.aio.ServicerContext[Any, Any], spec: MethodSpec, exc: BaseException) -> None:
     """Answer the client for an exception a handler raised; never returns."""
     if isinstance(exc, StatusError):
         await context.abort(exc.code, exc.message)
     logger.error("unhandled exception in %s", spec.path, exc_info=exc)
     await context.abort(grpc.StatusCode.INTERNAL, INTERNAL_DETAILS)
+
+
+async def _wrong_reply(context: grpc.aio.ServicerContext[Any, Any], spec: MethodSpec, reply: Any) -> None:
+    """A handler returned (or yielded) something that is not the response message; never returns."""
+    logger.error(
+        "%s returned %s instead of a %s",
+        spec.path,
+        type(reply).__name__,
+        spec.response_type.DESCRIPTOR.full_name,
+    )
+    await context.abort(grpc.StatusCode.INTERNAL, INTERNAL_DETAILS)
+
+
+async def _over_limit(context: grpc.aio.ServicerContext[Any, Any], inflight: InFlight) -> None:
+    await context.abort(
+        grpc.StatusCode.RESOURCE_EXHAUSTED, f"the server is serving its limit of {inflight.limit} concurrent RPCs"
+    )
 
 
 def _unimplemented(spec: MethodSpec) -> Handler:
@@ -73,12 +113,14 @@ async def _checked(requests: AsyncIterator[Any], context: grpc.aio.ServicerConte
         yield request
 
 
-def _wrap(spec: MethodSpec, impl: Handler) -> Handler:
+def _wrap(spec: MethodSpec, impl: Handler, inflight: InFlight) -> Handler:
     kind = spec.kind
     abort_error = grpc.aio.AbortError
+    cancelled_error = asyncio.CancelledError
     # Each RPC runs in its own task: setting the variable needs no reset.
     enter = current_rpc.set
     invalid = grpc.StatusCode.INVALID_ARGUMENT
+    reply_class = spec.response_type
 
     if kind is RpcKind.UNARY_UNARY:
 
@@ -86,12 +128,23 @@ def _wrap(spec: MethodSpec, impl: Handler) -> Handler:
             enter(context)
             if request.__class__ is _Malformed:
                 await context.abort(invalid, request.reason)
+            if inflight.count >= inflight.limit:
+                await _over_limit(context, inflight)
+            inflight.count += 1
             try:
-                return await impl(request, context)
+                reply = await impl(request, context)
+                if reply.__class__ is not reply_class and not isinstance(reply, reply_class):
+                    await _wrong_reply(context, spec, reply)
+                return reply
             except abort_error:
                 raise
-            except Exception as exc:
+            except cancelled_error:
+                inflight.cancelled += 1
+                raise
+            except HANDLER_ERRORS as exc:
                 await _fail(context, spec, exc)
+            finally:
+                inflight.count -= 1
 
         return unary_unary
 
@@ -99,12 +152,23 @@ def _wrap(spec: MethodSpec, impl: Handler) -> Handler:
 
         async def stream_unary(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             enter(context)
+            if inflight.count >= inflight.limit:
+                await _over_limit(context, inflight)
+            inflight.count += 1
             try:
-                return await impl(_checked(requests, context), context)
+                reply = await impl(_checked(requests, context), context)
+                if reply.__class__ is not reply_class and not isinstance(reply, reply_class):
+                    await _wrong_reply(context, spec, reply)
+                return reply
             except abort_error:
                 raise
-            except Exception as exc:
+            except cancelled_error:
+                inflight.cancelled += 1
+                raise
+            except HANDLER_ERRORS as exc:
                 await _fail(context, spec, exc)
+            finally:
+                inflight.count -= 1
 
         return stream_unary
 
@@ -117,13 +181,23 @@ def _wrap(spec: MethodSpec, impl: Handler) -> Handler:
             enter(context)
             if request.__class__ is _Malformed:
                 await context.abort(invalid, request.reason)
+            if inflight.count >= inflight.limit:
+                await _over_limit(context, inflight)
+            inflight.count += 1
             try:
                 async for reply in impl(first_arg(request, context), context):
+                    if reply.__class__ is not reply_class and not isinstance(reply, reply_class):
+                        await _wrong_reply(context, spec, reply)
                     yield reply
             except abort_error:
                 raise
-            except Exception as exc:
+            except cancelled_error:
+                inflight.cancelled += 1
+                raise
+            except HANDLER_ERRORS as exc:
                 await _fail(context, spec, exc)
+            finally:
+                inflight.count -= 1
 
         return streaming
 
@@ -132,12 +206,20 @@ def _wrap(spec: MethodSpec, impl: Handler) -> Handler:
         enter(context)
         if request.__class__ is _Malformed:
             await context.abort(invalid, request.reason)
+        if inflight.count >= inflight.limit:
+            await _over_limit(context, inflight)
+        inflight.count += 1
         try:
             await impl(first_arg(request, context), context)
         except abort_error:
             raise
-        except Exception as exc:
+        except cancelled_error:
+            inflight.cancelled += 1
+            raise
+        except HANDLER_ERRORS as exc:
             await _fail(context, spec, exc)
+        finally:
+            inflight.count -= 1
 
     return writing
 
@@ -152,12 +234,15 @@ _FACTORIES = {
 }
 
 
-def method_handler(spec: MethodSpec, middlewares: tuple[Middleware, ...] = ()) -> grpc.RpcMethodHandler[Any, Any]:
+def method_handler(
+    spec: MethodSpec, middlewares: tuple[Middleware, ...] = (), inflight: InFlight | None = None
+) -> grpc.RpcMethodHandler[Any, Any]:
     """The grpc handler for ``spec``: the user's method inside meshrpc's wrappers.
 
     Middlewares wrap the user's method inside the error mapping, so they see the
     exceptions it raises; each must keep the method's shape (coroutine function or
-    async generator function).
+    async generator function).  ``inflight`` counts (and limits) the RPCs; without
+    it, as for health and reflection, nothing is counted or limited.
     """
     if spec.impl is None:
         handler = _unimplemented(spec)
@@ -165,7 +250,7 @@ def method_handler(spec: MethodSpec, middlewares: tuple[Middleware, ...] = ()) -
         impl = spec.impl
         for middleware in middlewares:
             impl = middleware(spec, impl)
-        handler = _wrap(spec, impl)
+        handler = _wrap(spec, impl, inflight if inflight is not None else InFlight())
     factory: Any = _FACTORIES[spec.kind]
     result: grpc.RpcMethodHandler[Any, Any] = factory(
         handler,

@@ -34,6 +34,11 @@ def current_mode() -> str | None:
     return _current.mode if _current is not None else None
 
 
+def current() -> MeshInfo | None:
+    """The mesh of the meshrpc server running in this process, if one has started."""
+    return _current
+
+
 def set_current(info: MeshInfo) -> None:
     global _current
     _current = info
@@ -45,10 +50,12 @@ class SidecarNotReady(MeshrpcError):
 
 @dataclasses.dataclass(frozen=True)
 class MeshInfo:
-    """The mesh mode in force and why it was chosen."""
+    """The mesh mode in force, why it was chosen, and where its sidecar answers."""
 
     mode: str
     reason: str
+    sidecar_ready_url: str = "http://127.0.0.1:15021/healthz/ready"
+    sidecar_ready_timeout: float = 120.0
 
 
 async def http_status(url: str, method: str = "GET", timeout: float = 2.0) -> int:
@@ -91,6 +98,13 @@ def parse_annotations(text: str) -> dict[str, str]:
 
 async def detect(config: Config) -> MeshInfo:
     """Decide the mesh mode: as configured, or (auto) from the pod's annotations or a probe."""
+    found = await _detect_mode(config)
+    return dataclasses.replace(
+        found, sidecar_ready_url=config.sidecar_ready_url, sidecar_ready_timeout=config.sidecar_ready_timeout
+    )
+
+
+async def _detect_mode(config: Config) -> MeshInfo:
     if config.mesh != "auto":
         return MeshInfo(config.mesh, f"set by configuration (mesh={config.mesh})")
     path = Path(config.pod_annotations_path)

@@ -16,6 +16,8 @@ from google.protobuf import descriptor_pb2, descriptor_pool
 from grpc_reflection.v1alpha import reflection_pb2
 from grpc_reflection.v1alpha.reflection import aio as reflection_aio
 
+from ._service import describe
+
 V1ALPHA = "grpc.reflection.v1alpha.ServerReflection"
 V1 = "grpc.reflection.v1.ServerReflection"
 _V1_FILE = "grpc/reflection/v1/reflection.proto"
@@ -47,15 +49,12 @@ def _register_v1_descriptor() -> None:
 def add_reflection(server: grpc.aio.Server, service_names: Iterable[str]) -> tuple[str, ...]:
     """Serve reflection for ``service_names`` and both reflection services themselves."""
     _register_v1_descriptor()
+    from ._handlers import method_handler  # the same body and error mapping as the app's methods
+
     names = (*service_names, V1ALPHA, V1)
     servicer: Any = reflection_aio.ReflectionServicer(names)
-    handler = grpc.stream_stream_rpc_method_handler(
-        servicer.ServerReflectionInfo,
-        request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
-        response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString,
-    )
+    (service,) = describe(servicer)
+    handlers = {m.name: method_handler(m) for m in service.methods}
     for name in (V1ALPHA, V1):
-        server.add_generic_rpc_handlers(
-            (grpc.method_handlers_generic_handler(name, {"ServerReflectionInfo": handler}),)
-        )
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(name, handlers),))
     return names

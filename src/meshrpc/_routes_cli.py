@@ -27,6 +27,7 @@ def add_routes_command(commands: Any) -> None:
         help="write Kubernetes and Istio manifests for an app",
         description=DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,
     )
     p.add_argument(
         "app",

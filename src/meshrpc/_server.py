@@ -26,16 +26,17 @@ from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 import grpc
-from grpc_health.v1 import health_pb2_grpc
 
 from . import _mesh
+from ._bind import check_bindable
 from ._config import Config
 from ._errors import AppError, BindError
-from ._handlers import Middleware, method_handler
+from ._handlers import InFlight, Middleware, method_handler
 from ._health import HEALTH_SERVICE, Health, poll_checks, run_checks
 from ._otel_setup import configure_sdk
 from ._otel_setup import flush as flush_telemetry
 from ._reflection import add_reflection
+from ._service import describe
 from ._telemetry import Telemetry, observer, sdk_configured
 
 if TYPE_CHECKING:
@@ -63,6 +64,20 @@ class Server:
         self._tasks: list[asyncio.Task[None]] = []
         self._lifespan: AbstractAsyncContextManager[Any] | None = None
         self._otel_shutdown: Callable[[], None] | None = None
+        self._inflight = InFlight(config.max_concurrent_rpcs)
+
+    @property
+    def display_address(self) -> str:
+        """An address a user can paste into a client (the wildcard hosts become 127.0.0.1)."""
+        host = self.config.host
+        if host in ("[::]", "0.0.0.0", "::"):
+            return f"127.0.0.1:{self.port} (listening on {host}:{self.port}, every address)"
+        return f"{host}:{self.port}"
+
+    @property
+    def in_flight(self) -> int:
+        """RPCs of the app's own services being served now."""
+        return self._inflight.count
 
     # -- control -------------------------------------------------------------
 
@@ -102,6 +117,8 @@ class Server:
         name = signal.Signals(signum).name
         if self._stop_requested.is_set():
             logger.warning("received %s again: stopping now, skipping the rest of the drain", name)
+        elif signum == signal.SIGINT:
+            logger.info("received SIGINT: draining (Ctrl-C again to stop now)")
         else:
             logger.info("received %s: draining", name)
         self.request_stop()
@@ -153,15 +170,16 @@ class Server:
             self._sidecar = self._task(_mesh.wait_for_sidecar(config.sidecar_ready_url, config.sidecar_ready_timeout))
             self._sidecar.add_done_callback(_consume)
 
-        server = grpc.aio.server(options=self._options(), maximum_concurrent_rpcs=config.max_concurrent_rpcs)
+        if config.port != 0:
+            check_bindable(config.host, config.port, reuse_port=config.reuse_port)
+        # max_concurrent_rpcs is enforced by meshrpc's handlers on the app's own services
+        # (InFlight), so health and reflection always answer.
+        server = grpc.aio.server(options=self._options())
         self._grpc = server
         try:
             self.port = server.add_insecure_port(config.address)
-        except RuntimeError:
-            raise BindError(
-                f"cannot listen on {config.address}: the address is in use or not available "
-                "(another server on this port? set reuse_port to share it on purpose)"
-            ) from None
+        except RuntimeError:  # lost a race with another process since the check
+            raise BindError(f"cannot listen on {config.address}: the address is in use or not available") from None
 
         if config.otel_sdk:
             # OTEL_* are the SDK's own standard variables; the SDK reads some of them itself.
@@ -172,6 +190,7 @@ class Server:
             try:
                 await lifespan.__aenter__()
             except Exception as exc:
+                logger.error("lifespan startup of app %s failed", app.name, exc_info=exc)
                 raise AppError(f"lifespan startup of app {app.name!r} failed: {exc!r}") from exc
             self._lifespan = lifespan
 
@@ -179,13 +198,7 @@ class Server:
         await health.publish()  # NOT_SERVING until started: the library's default is SERVING
         names = self._add_handlers(server, health)
         await server.start()
-        logger.info(
-            "serving app %s on %s:%d: %s",
-            app.name,
-            config.host,
-            self.port,
-            ", ".join(names),
-        )
+        logger.info("serving app %s on %s: %s", app.name, self.display_address, ", ".join(names))
         if self._sidecar is not None:
             await asyncio.shield(self._sidecar)
         checks = app.readiness_checks
@@ -267,11 +280,12 @@ class Server:
     def _add_handlers(self, server: grpc.aio.Server, health: Health) -> list[str]:
         middlewares = self._telemetry_middlewares()
         for service in self.app.services:
-            handlers = {m.name: method_handler(m, middlewares) for m in service.methods}
-            # Registered methods are matched by grpc's core, before any Python lookup.
-            server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.name, handlers),))
-            server.add_registered_method_handlers(service.name, handlers)
-        health_pb2_grpc.add_HealthServicer_to_server(health.servicer, server)
+            handlers = {m.name: method_handler(m, middlewares, self._inflight) for m in service.methods}
+            _register(server, service.name, handlers)
+        # Health and reflection get the same malformed-body and error mapping, but no
+        # middleware and no concurrency limit: probes must always be answered.
+        for service in describe(health.servicer):
+            _register(server, service.name, {m.name: method_handler(m) for m in service.methods})
         names = [*(s.name for s in self.app.services), HEALTH_SERVICE]
         if self.config.reflection:
             names = list(add_reflection(server, names))
@@ -288,7 +302,8 @@ class Server:
         self.app._draining.set()
         await self.health.update(draining=True)
         logger.info(
-            "drain t0: readiness NOT_SERVING, liveness SERVING; serving new RPCs for %.1fs (drain delay)",
+            "drain t0: readiness NOT_SERVING, liveness SERVING; %d RPCs in flight; serving new RPCs for %.1fs (drain delay)",
+            self.in_flight,
             config.drain_delay,
         )
         if config.drain_delay > 0 and not self._force.is_set():
@@ -296,8 +311,9 @@ class Server:
                 await asyncio.wait_for(self._force.wait(), config.drain_delay)
         grace = 0.0 if self._force.is_set() else config.grace
         logger.info(
-            "drain %s: no new RPCs (GOAWAY); in-flight RPCs get %.1fs (grace)",
+            "drain %s: no new RPCs (GOAWAY); %d RPCs in flight get %.1fs (grace)",
             since(),
+            self.in_flight,
             grace,
         )
         self.health.servicer.end_watches()
@@ -306,10 +322,22 @@ class Server:
         await asyncio.wait((stopping, forced), return_when=asyncio.FIRST_COMPLETED)
         forced.cancel()
         if not stopping.done():
-            logger.warning("drain %s: stopping now, cancelling in-flight RPCs", since())
+            logger.warning("drain %s: stopping now, cancelling %d RPCs in flight", since(), self.in_flight)
             await self._grpc.stop(0)
         await stopping
-        logger.info("drain %s: server stopped; running lifespan shutdown", since())
+        cancelled = self._inflight.cancelled
+        logger.log(
+            logging.WARNING if cancelled else logging.INFO,
+            "drain %s: server stopped, %d RPCs cancelled; running lifespan shutdown",
+            since(),
+            cancelled,
+        )
+
+
+def _register(server: grpc.aio.Server, service: str, handlers: dict[str, grpc.RpcMethodHandler[Any, Any]]) -> None:
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, handlers),))
+    # Registered methods are matched by grpc's core, before any Python lookup.
+    server.add_registered_method_handlers(service, handlers)
 
 
 def _consume(future: asyncio.Future[None]) -> None:
