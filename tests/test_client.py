@@ -92,9 +92,10 @@ async def test_deadline_propagates_downstream() -> None:
             helloworld_pb2.HelloRequest(name="x"), timeout=1.5
         )
     front_left, back_left = json.loads(reply.message)
-    # The grpc-timeout header carries at most millisecond-ish precision, rounded up.
-    assert 0 < back_left <= front_left + 0.002
-    assert front_left <= 1.5
+    # grpc core rounds the grpc-timeout header up and times each deadline from the
+    # header's arrival, so each hop may gain a few milliseconds (seen: up to 9 ms).
+    assert 0 < back_left <= front_left + 0.015
+    assert front_left <= 1.5 + 0.015
 
 
 async def test_explicit_timeout_only_shortens() -> None:

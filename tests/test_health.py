@@ -105,7 +105,7 @@ async def test_readiness_check_timeout_counts_as_failure(caplog: pytest.LogCaptu
 
     async with testing.running(app, health_check_interval=0.05, health_check_timeout=0.05) as server:
         for _ in range(100):
-            if await check(server.channel) == NOT_SERVING and "slow-dependency timed out" in caplog.text:
+            if await check(server.channel) == NOT_SERVING and "readiness check slow-dependency fails: timed out after 0.05s" in caplog.text:
                 break
             await asyncio.sleep(0.02)
         else:
@@ -128,3 +128,76 @@ async def test_failing_check_keeps_readiness_off_from_the_start() -> None:
     async with testing.running(app, health_check_interval=60) as server:
         assert await check(server.channel) == NOT_SERVING
         assert await check(server.channel, "liveness") == SERVING
+
+
+async def test_a_check_that_swallows_cancellation_still_times_out(caplog: pytest.LogCaptureFixture) -> None:
+    app = meshrpc.App("stubborn", services=[Echo()])
+    done = asyncio.Event()
+
+    @app.readiness_check(name="stubborn")
+    async def stubborn() -> None:
+        for _ in range(200):  # ignores every cancellation, until the test ends (10 s at most)
+            try:
+                await asyncio.sleep(0.05)
+            except asyncio.CancelledError:
+                pass
+            if done.is_set():
+                return
+
+    async with testing.running(app, health_check_interval=0.05, health_check_timeout=0.1) as server:
+        assert await check(server.channel) == NOT_SERVING  # the first round decided, in about 0.1 s
+        await asyncio.sleep(0.3)
+        assert await check(server.channel) == NOT_SERVING
+        assert "readiness check stubborn fails: timed out after 0.1s" in caplog.text
+        assert "has still not finished (it ignores cancellation)" in caplog.text
+    done.set()
+
+
+async def test_a_failing_check_logs_once_per_change_not_per_poll(caplog: pytest.LogCaptureFixture) -> None:
+    app = meshrpc.App("flaky", services=[Echo()])
+    reasons = iter(["connection refused"] * 6 + ["timeout"] * 6)
+    healthy = asyncio.Event()
+
+    @app.readiness_check(name="db")
+    async def database() -> None:
+        if healthy.is_set():
+            return
+        raise ConnectionError(next(reasons, "timeout"))
+
+    caplog.set_level("INFO", logger="meshrpc.health")
+    async with testing.running(app, health_check_interval=0.02) as server:
+        for _ in range(200):
+            await asyncio.sleep(0.02)
+            if caplog.text.count("timeout") and caplog.text.count("still fails"):
+                break
+        healthy.set()
+        for _ in range(100):
+            if await check(server.channel) == SERVING:
+                break
+            await asyncio.sleep(0.02)
+    lines = [r for r in caplog.records if "readiness check db" in r.getMessage()]
+    messages = [r.getMessage() for r in lines]
+    assert messages[0] == "readiness check db fails: raised ConnectionError: connection refused"
+    assert lines[0].exc_info is not None  # the first failure carries its traceback
+    assert "readiness check db still fails, now: raised ConnectionError: timeout" in messages
+    assert sum(r.exc_info is not None for r in lines) == 1  # no traceback per poll
+    assert len(lines) <= 4  # first failure, the change, maybe a reminder, the recovery
+    assert messages[-1].startswith("readiness check db passes again after")
+
+
+def test_check_log_reminds_while_a_check_keeps_failing(caplog: pytest.LogCaptureFixture) -> None:
+    from meshrpc._health import CheckLog
+
+    log = CheckLog(remind_every=0.0)
+    with caplog.at_level("WARNING", logger="meshrpc.health"):
+        log.failed("db", "down")
+        log.failed("db", "down")
+    assert "readiness check db has been failing for" in caplog.text
+
+
+async def test_readiness_lines_say_why_not_serving(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level("INFO", logger="meshrpc.health"):
+        async with testing.running(meshrpc.App("why", services=[Echo()])):
+            pass
+    messages = [r.getMessage() for r in caplog.records if r.name == "meshrpc.health"]
+    assert messages == ["readiness NOT_SERVING (starting up)", "readiness SERVING", "readiness NOT_SERVING (draining)"]

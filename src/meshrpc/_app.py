@@ -128,5 +128,8 @@ class App:
 
         Settings: the app's config, then ``MESHRPC_*`` variables, then ``overrides``.
         """
+        from . import _logging, _runner
+
         config = self.config.replace(**{**from_env(os.environ), **overrides})
-        return asyncio.run(self.serve(config, install_signal_handlers=True))
+        _logging.configure(config.log_level)  # as `meshrpc serve` does; an existing set-up is kept
+        return _runner.run(self.serve(config, install_signal_handlers=True))

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from . import _config, _discovery, _logging
+from . import _config, _discovery, _logging, _runner
 from ._app import App
 from ._errors import MeshrpcError
 from ._version import __version__
@@ -121,7 +120,7 @@ def _serve(ns: argparse.Namespace, argv: Sequence[str]) -> int:
         _logging.configure_from_file(ns.log_config)
     elif not ns.no_log_config:
         _logging.configure(config.log_level)
-    return asyncio.run(app.serve(config, install_signal_handlers=True))
+    return _runner.run(app.serve(config, install_signal_handlers=True))
 
 
 def _health(ns: argparse.Namespace) -> int:

@@ -51,6 +51,10 @@ class Config:
         "Seconds to keep serving after SIGTERM while readiness reports NOT_SERVING.",
     )
     grace: float = _setting(20.0, "Seconds in-flight RPCs get to finish once the server stops accepting.")
+    shutdown_timeout: float = _setting(
+        4.0,
+        "Seconds the lifespan's shutdown may take after the drain; past it the process exits with code 1.",
+    )
     health_check_interval: float = _setting(5.0, "Seconds between runs of the readiness checks.")
     health_check_timeout: float = _setting(2.0, "Seconds one readiness check may take before it counts as failed.")
     liveness_service: str = _setting(
@@ -113,6 +117,7 @@ class Config:
             "health_check_interval",
             "health_check_timeout",
             "sidecar_ready_timeout",
+            "shutdown_timeout",
         ):
             value = getattr(self, name)
             _require(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
@@ -98,7 +99,16 @@ class Health:
         status = SERVING if ready else NOT_SERVING
         for name in self._readiness_names:
             await self.servicer.set(name, status)
-        logger.info("readiness %s", "SERVING" if ready else "NOT_SERVING")
+        logger.info("readiness %s", "SERVING" if ready else f"NOT_SERVING ({self._why_not()})")
+
+    def _why_not(self) -> str:
+        if self.draining:
+            return "draining"
+        if not self.started:
+            return "starting up"
+        if not self.proxy_ready:
+            return "waiting for the sidecar"
+        return "a readiness check fails"
 
     async def update(self, **changes: bool) -> None:
         for name, value in changes.items():
@@ -106,32 +116,83 @@ class Health:
         await self.publish()
 
 
-async def _run_check(name: str, check: ReadinessCheck, timeout: float) -> bool:
-    try:
-        result = await asyncio.wait_for(check(), timeout)
-    except TimeoutError:
-        logger.warning("readiness check %s timed out after %.1fs", name, timeout)
+REMIND_EVERY = 60.0  # seconds between "still failing" lines for a check that keeps failing
+
+
+class CheckLog:
+    """Logs readiness checks by change, not by poll: a database down for an hour is one
+    traceback, a line each time the reason changes, and a reminder every minute."""
+
+    def __init__(self, remind_every: float = REMIND_EVERY) -> None:
+        self.remind_every = remind_every
+        self._failing: dict[str, tuple[str, float, float]] = {}  # name -> (reason, since, last logged)
+        self.stuck: dict[str, asyncio.Future[Any]] = {}  # timed-out runs, cancelled but maybe still running
+
+    def failed(self, name: str, reason: str, exc: BaseException | None = None) -> None:
+        now = time.monotonic()
+        previous = self._failing.get(name)
+        if previous is None:
+            logger.warning("readiness check %s fails: %s", name, reason, exc_info=exc)
+            self._failing[name] = (reason, now, now)
+        elif previous[0] != reason:
+            logger.warning("readiness check %s still fails, now: %s", name, reason)
+            self._failing[name] = (reason, previous[1], now)
+        elif now - previous[2] >= self.remind_every:
+            logger.warning("readiness check %s has been failing for %.0fs: %s", name, now - previous[1], reason)
+            self._failing[name] = (reason, previous[1], now)
+
+    def passed(self, name: str) -> None:
+        previous = self._failing.pop(name, None)
+        if previous is not None:
+            logger.info("readiness check %s passes again after %.0fs", name, time.monotonic() - previous[1])
+
+
+async def _run_check(name: str, check: ReadinessCheck, timeout: float, log: CheckLog) -> bool:
+    stuck = log.stuck.get(name)
+    if stuck is not None and not stuck.done():
+        log.failed(name, "its run that timed out has still not finished (it ignores cancellation)")
         return False
-    except Exception:
-        logger.exception("readiness check %s raised", name)
+    # Not wait_for: it waits for the cancelled check to end, for ever when the check
+    # swallows the cancellation.  The timeout holds whether the check cooperates or not.
+    task = asyncio.ensure_future(check())
+    await asyncio.wait((task,), timeout=timeout)
+    if not task.done():
+        task.cancel()
+        log.stuck[name] = task
+        task.add_done_callback(_consume)
+        log.failed(name, f"timed out after {timeout:g}s")
+        return False
+    try:
+        result = task.result()
+    except asyncio.CancelledError:
+        log.failed(name, "was cancelled")
+        return False
+    except Exception as exc:
+        log.failed(name, f"raised {type(exc).__name__}: {exc}", exc)
         return False
     if result is False:
-        logger.warning("readiness check %s failed", name)
+        log.failed(name, "returned False")
         return False
+    log.passed(name)
     return True
 
 
-async def run_checks(health: Health, checks: dict[str, ReadinessCheck], timeout: float) -> None:
+async def run_checks(health: Health, checks: dict[str, ReadinessCheck], timeout: float, log: CheckLog) -> None:
     """Run every readiness check once, concurrently, and publish the outcome."""
-    results = await asyncio.gather(*(_run_check(n, c, timeout) for n, c in checks.items()))
-    ok = all(results)
-    if ok != health.checks_ok:
-        logger.info("readiness checks %s", "pass" if ok else "fail")
-    await health.update(checks_ok=ok)
+    results = await asyncio.gather(*(_run_check(n, c, timeout, log) for n, c in checks.items()))
+    await health.update(checks_ok=all(results))
 
 
-async def poll_checks(health: Health, checks: dict[str, ReadinessCheck], interval: float, timeout: float) -> None:
+async def poll_checks(
+    health: Health, checks: dict[str, ReadinessCheck], interval: float, timeout: float, log: CheckLog
+) -> None:
     """Run the readiness checks every ``interval`` until cancelled."""
     while True:
         await asyncio.sleep(interval)
-        await run_checks(health, checks, timeout)
+        await run_checks(health, checks, timeout, log)
+
+
+def _consume(future: asyncio.Future[Any]) -> None:
+    # A timed-out check's late outcome was already counted as a failure.
+    if not future.cancelled():
+        future.exception()

@@ -26,7 +26,7 @@ ISTIO_KINDS = ("Deployment", "Service", "Gateway", "VirtualService", "Destinatio
 # Kinds written only when asked for (--mesh-routing, --headless); "which resources" accepts them too.
 GATEWAY_API_KINDS = ("Deployment", "Service", "Gateway", "GRPCRoute", "PodDisruptionBudget")
 OPTIONAL_KINDS = ("MeshVirtualService", "HeadlessService")
-SHUTDOWN_MARGIN = 5  # seconds for the lifespan's shutdown and process exit
+EXIT_MARGIN = 1  # seconds for the process to exit after the lifespan's shutdown
 PODINFO_DIR = "/etc/podinfo"
 _DNS_LABEL = re.compile(r"^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$")
 _DNS_1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
@@ -132,8 +132,8 @@ def seconds(value: float) -> str:
 
 
 def grace_period(config: Config) -> int:
-    """``terminationGracePeriodSeconds``: the app's drain delay + grace + a margin."""
-    return math.ceil(config.drain_delay + config.grace) + SHUTDOWN_MARGIN
+    """``terminationGracePeriodSeconds``: the app's drain delay + grace + shutdown timeout + a margin."""
+    return math.ceil(config.drain_delay + config.grace + config.shutdown_timeout) + EXIT_MARGIN
 
 
 def _labels(options: RoutesOptions) -> dict[str, str]:

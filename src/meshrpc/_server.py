@@ -32,10 +32,11 @@ from ._bind import check_bindable
 from ._config import Config
 from ._errors import AppError, BindError
 from ._handlers import InFlight, Middleware, method_handler
-from ._health import HEALTH_SERVICE, Health, poll_checks, run_checks
+from ._health import HEALTH_SERVICE, CheckLog, Health, poll_checks, run_checks
 from ._otel_setup import configure_sdk
 from ._otel_setup import flush as flush_telemetry
 from ._reflection import add_reflection
+from ._runner import hard_exit, owns_process
 from ._service import describe
 from ._telemetry import Telemetry, observer, sdk_configured
 
@@ -44,6 +45,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("meshrpc.server")
 HANDLED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+FORCE_EXIT_AFTER = 1.0  # seconds from a second signal to the process's exit, whatever still runs
+EXIT_MARGIN = 2.0  # seconds past drain delay + grace + shutdown timeout before the exit is forced
 
 
 class Server:
@@ -65,6 +68,8 @@ class Server:
         self._lifespan: AbstractAsyncContextManager[Any] | None = None
         self._otel_shutdown: Callable[[], None] | None = None
         self._inflight = InFlight(config.max_concurrent_rpcs)
+        self._owns_process = False
+        self.phase = "starting"
 
     @property
     def display_address(self) -> str:
@@ -73,6 +78,11 @@ class Server:
         if host in ("[::]", "0.0.0.0", "::"):
             return f"127.0.0.1:{self.port} (listening on {host}:{self.port}, every address)"
         return f"{host}:{self.port}"
+
+    @property
+    def abandoned(self) -> str:
+        """What a forced exit leaves unfinished, for its log line."""
+        return f"{self.phase}, {self.in_flight} RPCs in flight"
 
     @property
     def in_flight(self) -> int:
@@ -100,8 +110,13 @@ class Server:
             yield
             return
         loop = asyncio.get_running_loop()
+        received = 0
 
         def handle(signum: int, frame: FrameType | None) -> None:
+            nonlocal received
+            received += 1
+            if received == 2 and self._owns_process:  # past FORCE_EXIT_AFTER nothing may hold the exit
+                _watchdog(FORCE_EXIT_AFTER, "a second signal", lambda: self.abandoned)
             loop.call_soon_threadsafe(self._on_signal, signum)
 
         previous: dict[int, Any] = {}
@@ -128,6 +143,7 @@ class Server:
     async def serve(self, *, install_signal_handlers: bool = False) -> int:
         """Start, serve until asked to stop, drain; return the exit code."""
         self.app._draining = asyncio.Event()
+        self._owns_process = owns_process()
         with self._signal_handlers() if install_signal_handlers else contextlib.nullcontext():
             try:
                 if not await self._startup_unless_stopped():
@@ -201,9 +217,9 @@ class Server:
         logger.info("serving app %s on %s: %s", app.name, self.display_address, ", ".join(names))
         if self._sidecar is not None:
             await asyncio.shield(self._sidecar)
-        checks = app.readiness_checks
+        checks, check_log = app.readiness_checks, CheckLog()
         if checks:  # the first round decides readiness before it is ever SERVING
-            await run_checks(health, checks, config.health_check_timeout)
+            await run_checks(health, checks, config.health_check_timeout, check_log)
         await health.update(started=True)
         if checks:
             self._task(
@@ -212,6 +228,7 @@ class Server:
                     checks,
                     config.health_check_interval,
                     config.health_check_timeout,
+                    check_log,
                 )
             )
 
@@ -227,16 +244,30 @@ class Server:
             await self._grpc.stop(0)  # no-op after a completed drain
         if self._lifespan is not None:
             lifespan, self._lifespan = self._lifespan, None
-            try:
-                await lifespan.__aexit__(None, None, None)
-            except Exception:
-                logger.exception("lifespan shutdown of app %s failed", self.app.name)
-                self.exit_code = 1
+            self.phase = "lifespan shutdown"
+            await self._shutdown_lifespan(lifespan)
+        if self._force.is_set():
+            return  # stop now: no telemetry flush that may wait on an exporter
         if self._otel_shutdown is not None:
             self._otel_shutdown()  # meshrpc's own providers: shutting down flushes them
             self._otel_shutdown = None
         else:
             flush_telemetry()  # the user's providers: flush, and leave them to their owner
+
+    async def _shutdown_lifespan(self, lifespan: AbstractAsyncContextManager[Any]) -> None:
+        """Run the lifespan's shutdown, bounded by shutdown_timeout and cut short by a second signal."""
+        shutdown = asyncio.ensure_future(lifespan.__aexit__(None, None, None))
+        forced = asyncio.ensure_future(self._force.wait())
+        await asyncio.wait((shutdown, forced), timeout=self.config.shutdown_timeout, return_when=asyncio.FIRST_COMPLETED)
+        forced.cancel()
+        if not shutdown.done():
+            shutdown.cancel()  # not awaited: a shutdown that ignores cancellation must not hold the exit
+            why = "a second signal" if self._force.is_set() else f"its {self.config.shutdown_timeout:g}s timeout"
+            logger.error("lifespan shutdown of app %s cut short by %s: its remaining work is abandoned", self.app.name, why)
+            self.exit_code = 1
+        elif shutdown.exception() is not None:
+            logger.error("lifespan shutdown of app %s failed", self.app.name, exc_info=shutdown.exception())
+            self.exit_code = 1
 
     def _options(self) -> list[tuple[str, Any]]:
         config = self.config
@@ -299,6 +330,10 @@ class Server:
         def since() -> str:
             return f"t0+{loop.time() - t0:.2f}s"
 
+        if self._owns_process:  # nothing a handler, check or lifespan does may keep the process past its budget
+            budget = config.drain_delay + config.grace + config.shutdown_timeout + EXIT_MARGIN
+            _watchdog(budget, f"the drain's budget of {budget:g}s", lambda: self.abandoned)
+        self.phase = "draining (drain delay)"
         self.app._draining.set()
         await self.health.update(draining=True)
         logger.info(
@@ -317,6 +352,8 @@ class Server:
             grace,
         )
         self.health.servicer.end_watches()
+        self.phase = "draining (grace)"
+        self._inflight.cancelled = 0
         stopping = asyncio.ensure_future(self._grpc.stop(grace))
         forced = asyncio.ensure_future(self._force.wait())
         await asyncio.wait((stopping, forced), return_when=asyncio.FIRST_COMPLETED)
@@ -332,6 +369,18 @@ class Server:
             since(),
             cancelled,
         )
+
+
+def _watchdog(after: float, reason: str, abandoned: Callable[[], str]) -> None:
+    """End the process ``after`` seconds from now unless it has ended by then."""
+
+    def expire() -> None:
+        logger.error("exiting now, %.1fs after %s: abandoned %s", after, reason, abandoned())
+        hard_exit(1)
+
+    timer = threading.Timer(after, expire)
+    timer.daemon = True
+    timer.start()
 
 
 def _register(server: grpc.aio.Server, service: str, handlers: dict[str, grpc.RpcMethodHandler[Any, Any]]) -> None:
