@@ -16,6 +16,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
+# Where subprocess logs go: conftest points it at pytest's own temporary directory.
+LOG_DIR = Path(os.environ.get("TMPDIR", "/tmp"))
 
 
 def free_port() -> int:
@@ -54,14 +56,22 @@ def health_status(target: str, service: str = "", timeout: float = 1.0) -> str:
 class Served:
     """``meshrpc serve`` in a subprocess, with its log kept for assertions."""
 
-    def __init__(self, app: str, *args: str, env: dict[str, str] | None = None, port: int | None = None) -> None:
+    def __init__(
+        self,
+        app: str,
+        *args: str,
+        env: dict[str, str] | None = None,
+        port: int | None = None,
+        cwd: Path = ROOT,
+        command: tuple[str, ...] = ("serve",),
+    ) -> None:
         self.port = port or free_port()
         self.target = f"127.0.0.1:{self.port}"
-        self.log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"meshrpc-{self.port}-{time.monotonic_ns()}.log"
+        self.log_path = LOG_DIR / f"meshrpc-{self.port}-{time.monotonic_ns()}.log"
         self._log = self.log_path.open("wb")
         self.proc = subprocess.Popen(
-            [str(BIN / "meshrpc"), "serve", app, "--host", "127.0.0.1", "--port", str(self.port), *args],
-            cwd=ROOT,
+            [str(BIN / "meshrpc"), *command, app, "--host", "127.0.0.1", "--port", str(self.port), *args],
+            cwd=cwd,
             stdout=self._log,
             stderr=subprocess.STDOUT,
             env={**os.environ, "MESHRPC_MESH": "none", **(env or {})},

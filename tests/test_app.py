@@ -95,3 +95,8 @@ async def test_lifespan_startup_failure_is_clear() -> None:
     with pytest.raises(meshrpc.AppError, match=r"lifespan startup of app 'broken' failed.*database"):
         async with testing.running(app):
             pass
+
+
+def test_passing_the_class_instead_of_an_instance_says_so() -> None:
+    with pytest.raises(meshrpc.AppError, match=r"Echo is a class: pass an instance, e.g. services=\[Echo\(\)\]"):
+        meshrpc.App("x", services=[Echo])

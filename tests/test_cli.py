@@ -151,7 +151,8 @@ def test_app_found_from_environment_and_pyproject(tmp_path: Path) -> None:
 
     (tmp_path / "pyproject.toml").write_text('[tool.meshrpc]\napp = "svc:nothere"\n')
     from_pyproject = serve_in({})
-    assert "meshrpc: error: module 'svc' has no attribute 'nothere'" in from_pyproject.stderr
+    assert "meshrpc: error: module 'svc' (" in from_pyproject.stderr
+    assert "svc.py) has no attribute 'nothere'" in from_pyproject.stderr
     from_env = serve_in({"MESHRPC_APP": "svc:app"})  # the environment wins over pyproject.toml
     assert "cannot listen on 999.1.1.1:50051: '999.1.1.1' is not an address" in from_env.stderr
     (tmp_path / "pyproject.toml").unlink()

@@ -88,3 +88,25 @@ def test_configuration_reference_lists_every_setting() -> None:
     text = (ROOT / "docs" / "configuration.md").read_text()
     for field in dataclasses.fields(meshrpc.Config):
         assert f"`MESHRPC_{field.name.upper()}`" in text
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"port": "8080"}, "invalid setting port (MESHRPC_PORT / --port): must be an integer, got str '8080'"),
+        ({"drain_delay": "5"}, "invalid setting drain_delay (MESHRPC_DRAIN_DELAY / --drain-delay): must be a number"),
+        ({"reflection": 1}, "invalid setting reflection (MESHRPC_REFLECTION / --reflection): must be true or false"),
+        ({"port": True}, "must be an integer, got bool True"),
+        ({"max_concurrent_rpcs": "3"}, "must be an integer or None, got str '3'"),
+    ],
+)
+def test_wrong_types_in_code_are_config_errors(changes: dict[str, object], message: str) -> None:
+    with pytest.raises(meshrpc.ConfigError) as info:
+        meshrpc.Config(**changes)  # type: ignore[arg-type]
+    assert message in str(info.value)
+
+
+def test_ints_are_accepted_as_seconds_and_levels_in_any_case() -> None:
+    config = meshrpc.Config(drain_delay=5, log_level="DEBUG")
+    assert config.drain_delay == 5.0 and isinstance(config.drain_delay, float)
+    assert config.log_level == "debug"

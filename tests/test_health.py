@@ -105,7 +105,10 @@ async def test_readiness_check_timeout_counts_as_failure(caplog: pytest.LogCaptu
 
     async with testing.running(app, health_check_interval=0.05, health_check_timeout=0.05) as server:
         for _ in range(100):
-            if await check(server.channel) == NOT_SERVING and "readiness check slow-dependency fails: timed out after 0.05s" in caplog.text:
+            if (
+                await check(server.channel) == NOT_SERVING
+                and "readiness check slow-dependency fails: timed out after 0.05s" in caplog.text
+            ):
                 break
             await asyncio.sleep(0.02)
         else:

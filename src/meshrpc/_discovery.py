@@ -69,7 +69,10 @@ def load_app(reference: str, cwd: Path) -> App:
         try:
             value = getattr(value, part)
         except AttributeError:
-            raise AppError(f"module {module_name!r} has no attribute {attr!r}") from None
+            where = getattr(module, "__file__", None)  # another module of that name may shadow the app's
+            raise AppError(
+                f"module {module_name!r}{f' ({where})' if where else ''} has no attribute {attr!r}"
+            ) from None
     if not isinstance(value, App):
         kind = type(value).__name__
         article = "an" if kind[:1].lower() in "aeiou" else "a"

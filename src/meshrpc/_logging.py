@@ -8,7 +8,6 @@ logging entirely to the app.
 
 from __future__ import annotations
 
-import json
 import logging
 import logging.config
 import sys
@@ -40,12 +39,13 @@ def configure_from_file(path: str) -> None:
     file = Path(path)
     try:
         text = file.read_text()
-        if file.suffix == ".json":
-            logging.config.dictConfig(json.loads(text))
-        elif file.suffix in (".yaml", ".yml"):
-            import yaml
+        if file.suffix in (".json", ".yaml", ".yml"):
+            import yaml  # JSON is YAML too
 
-            logging.config.dictConfig(yaml.safe_load(text))
+            config = yaml.safe_load(text)
+            # meshrpc's loggers exist before the file is applied: keep them unless it says otherwise.
+            config.setdefault("disable_existing_loggers", False)
+            logging.config.dictConfig(config)
         else:
             logging.config.fileConfig(file, disable_existing_loggers=False)
     except (OSError, ValueError, KeyError, TypeError, AttributeError, ImportError) as exc:

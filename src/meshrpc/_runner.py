@@ -43,7 +43,9 @@ def run(main: Coroutine[Any, Any, int]) -> int:
             loop.run_until_complete(asyncio.wait(leftovers, timeout=EXIT_WAIT))
         abandoned += [f"task {task.get_coro()!r}" for task in leftovers if not task.done()]
         shutdown = loop.create_task(loop.shutdown_default_executor())
-        loop.run_until_complete(asyncio.wait((shutdown, loop.create_task(loop.shutdown_asyncgens())), timeout=EXIT_WAIT))
+        loop.run_until_complete(
+            asyncio.wait((shutdown, loop.create_task(loop.shutdown_asyncgens())), timeout=EXIT_WAIT)
+        )
     finally:
         asyncio.set_event_loop(None)
     threads = [t for t in threading.enumerate() if t is not threading.main_thread() and t.is_alive() and not t.daemon]

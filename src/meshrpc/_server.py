@@ -258,12 +258,16 @@ class Server:
         """Run the lifespan's shutdown, bounded by shutdown_timeout and cut short by a second signal."""
         shutdown = asyncio.ensure_future(lifespan.__aexit__(None, None, None))
         forced = asyncio.ensure_future(self._force.wait())
-        await asyncio.wait((shutdown, forced), timeout=self.config.shutdown_timeout, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait(
+            (shutdown, forced), timeout=self.config.shutdown_timeout, return_when=asyncio.FIRST_COMPLETED
+        )
         forced.cancel()
         if not shutdown.done():
             shutdown.cancel()  # not awaited: a shutdown that ignores cancellation must not hold the exit
             why = "a second signal" if self._force.is_set() else f"its {self.config.shutdown_timeout:g}s timeout"
-            logger.error("lifespan shutdown of app %s cut short by %s: its remaining work is abandoned", self.app.name, why)
+            logger.error(
+                "lifespan shutdown of app %s cut short by %s: its remaining work is abandoned", self.app.name, why
+            )
             self.exit_code = 1
         elif shutdown.exception() is not None:
             logger.error("lifespan shutdown of app %s failed", self.app.name, exc_info=shutdown.exception())

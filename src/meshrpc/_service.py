@@ -140,9 +140,7 @@ def describe(servicer: object) -> list[ServiceSpec]:
     from ._routing import route_options  # the routing options live with the routes
 
     if isinstance(servicer, type):
-        raise AppError(
-            f"{servicer.__name__} is a class: pass an instance, e.g. services=[{servicer.__name__}()]"
-        )
+        raise AppError(f"{servicer.__name__} is a class: pass an instance, e.g. services=[{servicer.__name__}()]")
     cls = type(servicer)
     bases = _generated_bases(cls)
     if not bases:

@@ -7,6 +7,7 @@ import contextlib
 import json
 import logging
 import os
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -32,6 +33,10 @@ async def behave(request: echo_pb2.EchoRequest) -> None:
         return
     if request.fail == "crash":
         raise RuntimeError("secret internal detail /srv/db password=hunter2")
+    if request.fail == "exit":
+        raise SystemExit(3)
+    if request.fail == "interrupt":
+        raise KeyboardInterrupt
     if request.fail:
         raise STATUS_ERRORS[request.fail](f"asked to fail with {request.fail}")
 
@@ -50,16 +55,19 @@ class Echo(echo_pb2_grpc.EchoServicer, meshrpc.Service):
             return reply(json.dumps(sent, sort_keys=True))
         if request.text == "deadline":
             return reply(f"{context.time_remaining():.6f}")
+        wrong: Any = {"none": None, "dict": {"text": "x"}, "str": "x"}.get(request.fail.removeprefix("return-"), ...)
+        if request.fail.startswith("return-"):
+            return wrong  # a handler bug: not an EchoReply
         return reply(request.text, peer=context.peer())
 
     async def ServerStream(self, request: echo_pb2.EchoRequest, context: Any) -> AsyncIterator[echo_pb2.EchoReply]:
         for i in range(request.count):
             if request.text == "until-drain" and self.draining.is_set():
                 return
-            yield reply(request.text, i)
+            yield reply(request.text, i) if request.fail != "yield-none" or i == 0 else None  # type: ignore[misc]
             if request.sleep:
                 await asyncio.sleep(request.sleep)
-        if request.fail:
+        if request.fail and request.fail != "yield-none":
             await behave(echo_pb2.EchoRequest(fail=request.fail))
 
     async def ClientStream(self, requests: AsyncIterator[echo_pb2.EchoRequest], context: Any) -> echo_pb2.EchoReply:
@@ -86,11 +94,22 @@ events: list[str] = []
 async def lifespan(app: meshrpc.App) -> AsyncIterator[None]:
     events.append("startup")
     log.info("lifespan startup")
+    if os.environ.get("ECHO_FAIL_STARTUP"):
+        raise ConnectionRefusedError("database at 127.0.0.1:1 refused the connection")
     yield
     log.info("lifespan shutdown")
     events.append("shutdown")
     if os.environ.get("ECHO_FAIL_SHUTDOWN"):
         raise RuntimeError("shutdown failed on purpose")
+    if os.environ.get("ECHO_SLOW_SHUTDOWN"):  # seconds the shutdown takes
+        await asyncio.sleep(float(os.environ["ECHO_SLOW_SHUTDOWN"]))
 
 
 app = meshrpc.App("echo", services=[Echo()], lifespan=lifespan)
+
+if os.environ.get("ECHO_STUCK_THREAD"):  # a readiness check whose thread outlives the server
+
+    @app.readiness_check(name="stuck-in-a-thread")
+    async def stuck_in_a_thread() -> bool:
+        await asyncio.to_thread(time.sleep, float(os.environ["ECHO_STUCK_THREAD"]))
+        return True
