@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 import grpc
 import pytest
@@ -140,10 +141,8 @@ async def test_a_check_that_swallows_cancellation_still_times_out(caplog: pytest
     @app.readiness_check(name="stubborn")
     async def stubborn() -> None:
         for _ in range(200):  # ignores every cancellation, until the test ends (10 s at most)
-            try:
+            with contextlib.suppress(asyncio.CancelledError):
                 await asyncio.sleep(0.05)
-            except asyncio.CancelledError:
-                pass
             if done.is_set():
                 return
 
