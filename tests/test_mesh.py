@@ -61,7 +61,20 @@ async def test_malformed_annotations_warn_and_fall_back(tmp_path: Path, caplog: 
     with caplog.at_level(logging.WARNING, logger="meshrpc.mesh"):
         info = await _mesh.detect(config(tmp_path, "this is not key=value\x00\n"))
     assert info.mode == "none"
-    assert "ignoring pod annotations file" in caplog.text and "line 1" in caplog.text
+    assert 'skipping line 1 is not key="value"' in caplog.text
+
+
+async def test_one_broken_annotation_line_keeps_the_valid_ones(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    text = SIDECAR_ANNOTATIONS + "broken line without a value\n" + 'other="\\x"\n'
+    with caplog.at_level(logging.WARNING, logger="meshrpc.mesh"):
+        info = await _mesh.detect(config(tmp_path, text))
+    assert info.mode == "istio-sidecar"  # the sidecar's annotation still counts
+    assert "annotation sidecar.istio.io/status" in info.reason
+    assert 'skipping line 4 is not key="value"' in caplog.text
+    assert "skipping line 5 has a bad escape" in caplog.text
+    assert "no annotations file" not in caplog.text
 
 
 async def test_no_file_probes_the_sidecar(tmp_path: Path) -> None:
@@ -69,7 +82,10 @@ async def test_no_file_probes_the_sidecar(tmp_path: Path) -> None:
     with StandIn(ready_status=503) as sidecar:
         cfg = config(tmp_path, None).replace(sidecar_ready_url=sidecar.ready_url)
         info = await _mesh.detect(cfg)
-    assert info.mode == "istio-sidecar" and "answers" in info.reason
+    assert info.mode == "istio-sidecar" and "answers HTTP 503" in info.reason  # a sidecar that is starting
+    with StandIn(ready_status=404) as other:
+        info = await _mesh.detect(config(tmp_path, None).replace(sidecar_ready_url=other.ready_url))
+    assert info.mode == "none" and "answers HTTP 404" in info.reason  # something else on that port
 
 
 async def test_explicit_mode_wins(tmp_path: Path) -> None:

@@ -66,10 +66,12 @@ def _deserializer(spec: MethodSpec) -> Callable[[bytes], Any]:
     return deserialize
 
 
-# What a handler may raise that is its own bug, to be answered INTERNAL.  SystemExit
-# and KeyboardInterrupt are among them: let through, they would unwind grpc's
-# Cython RPC loop and the event loop under it (the process crashed).
-HANDLER_ERRORS = (Exception, SystemExit, KeyboardInterrupt)
+# What a handler raises, but for aborts and cancellation, is its own bug, answered
+# INTERNAL: BaseException, not Exception.  asyncio re-raises a task's SystemExit or
+# KeyboardInterrupt out of the event loop itself, so a handler's `sys.exit()` tore
+# down the loop under grpc's live server and the process died with SIGSEGV
+# (exit 139) before any drain or log.  Caught here, grpc never sees one.
+HANDLER_ERRORS = BaseException
 
 
 async def _fail(context: grpc.aio.ServicerContext[Any, Any], spec: MethodSpec, exc: BaseException) -> None:
@@ -189,7 +191,7 @@ def _wrap(spec: MethodSpec, impl: Handler, inflight: InFlight) -> Handler:
                     if reply.__class__ is not reply_class and not isinstance(reply, reply_class):
                         await _wrong_reply(context, spec, reply)
                     yield reply
-            except abort_error:
+            except (abort_error, GeneratorExit):  # GeneratorExit: grpc closed the stream
                 raise
             except cancelled_error:
                 inflight.cancelled += 1

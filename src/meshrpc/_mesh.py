@@ -23,6 +23,7 @@ SIDECAR = "istio-sidecar"
 AMBIENT = "ambient"
 NONE = "none"
 PROBE_TIMEOUT = 0.5
+STATUS_LINE_LIMIT = 1024  # bytes read of an HTTP answer: its status line
 DEFAULT_CONNECTION_AGE = 300.0
 
 
@@ -72,10 +73,18 @@ async def http_status(url: str, method: str = "GET", timeout: float = 2.0) -> in
                 "Connection: close\r\n\r\n".encode()
             )
             await writer.drain()
-            line = await reader.readline()
+            # Only the status line matters: read at most STATUS_LINE_LIMIT bytes of it,
+            # whatever (and however much) the other side sends.
+            head = b""
+            while b"\n" not in head and len(head) < STATUS_LINE_LIMIT:
+                chunk = await reader.read(STATUS_LINE_LIMIT - len(head))
+                if not chunk:
+                    break
+                head += chunk
         finally:
             writer.close()
-        match = re.match(rb"HTTP/\d(?:\.\d)? (\d{3})", line)
+        line = head.split(b"\n", 1)[0]
+        match = re.match(rb"HTTP/\d(?:\.\d)? (\d{3})[ \r]", line + b"\r")
         if not match:
             raise OSError(f"not an HTTP answer from {url}: {line[:60]!r}")
         return int(match.group(1))
@@ -83,17 +92,25 @@ async def http_status(url: str, method: str = "GET", timeout: float = 2.0) -> in
     return await asyncio.wait_for(ask(), timeout)
 
 
-def parse_annotations(text: str) -> dict[str, str]:
-    """Parse the downward API's ``key="value"`` lines; ValueError on a malformed line."""
-    annotations = {}
+def parse_annotations(text: str) -> tuple[dict[str, str], list[str]]:
+    """Parse the downward API's ``key="value"`` lines: the valid ones, and a problem per other line.
+
+    One broken line must not hide the rest: a valid ``sidecar.istio.io/status`` beside
+    it still means a sidecar.
+    """
+    annotations, problems = {}, []
     for number, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         key, sep, value = line.partition("=")
-        if not sep or not key or not (len(value) >= 2 and value[0] == value[-1] == '"'):
-            raise ValueError(f'line {number} is not key="value": {line[:80]!r}')
-        annotations[key.strip()] = value[1:-1].encode().decode("unicode_escape")
-    return annotations
+        if not sep or not key.strip() or not (len(value) >= 2 and value[0] == value[-1] == '"'):
+            problems.append(f'line {number} is not key="value": {line[:80]!r}')
+            continue
+        try:
+            annotations[key.strip()] = value[1:-1].encode().decode("unicode_escape")
+        except UnicodeDecodeError as exc:
+            problems.append(f"line {number} has a bad escape: {exc.reason}")
+    return annotations, problems
 
 
 async def detect(config: Config) -> MeshInfo:
@@ -109,28 +126,32 @@ async def _detect_mode(config: Config) -> MeshInfo:
         return MeshInfo(config.mesh, f"set by configuration (mesh={config.mesh})")
     path = Path(config.pod_annotations_path)
     try:
-        annotations = parse_annotations(path.read_text())  # noqa: ASYNC240 - a small local file, once
+        text = path.read_text(errors="replace")  # noqa: ASYNC240 - a small local file, once
     except FileNotFoundError:
         pass
-    except (OSError, ValueError, UnicodeDecodeError) as exc:
-        logger.warning("ignoring pod annotations file %s: %s", path, exc)
+    except OSError as exc:
+        logger.warning("cannot read the pod annotations file %s: %s", path, exc)
     else:
+        annotations, problems = parse_annotations(text)
+        for problem in problems:
+            logger.warning("pod annotations file %s: skipping %s", path, problem)
         if "sidecar.istio.io/status" in annotations:
             return MeshInfo(SIDECAR, f"annotation sidecar.istio.io/status in {path}")
         if annotations.get("ambient.istio.io/redirection") == "enabled":
             return MeshInfo(AMBIENT, f"annotation ambient.istio.io/redirection=enabled in {path}")
         return MeshInfo(NONE, f"no Istio annotation in {path}")
     try:
-        await http_status(config.sidecar_ready_url, timeout=PROBE_TIMEOUT)
-    except (TimeoutError, OSError):
-        return MeshInfo(
-            NONE,
-            f"no annotations file at {path} and nothing answers {config.sidecar_ready_url}",
-        )
-    return MeshInfo(
-        SIDECAR,
-        f"no annotations file at {path}, but {config.sidecar_ready_url} answers",
-    )
+        status = await http_status(config.sidecar_ready_url, timeout=PROBE_TIMEOUT)
+    except (TimeoutError, OSError) as exc:
+        answer = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        return MeshInfo(NONE, f"no annotations file at {path} and no sidecar at {config.sidecar_ready_url} ({answer})")
+    # 503 is what Istio's pilot-agent answers there until its Envoy is ready: a sidecar
+    # that is starting, the very case readiness must wait for.  Any other answer is
+    # something else on that port.
+    if status not in (200, 503):
+        logger.warning("%s answers HTTP %d, not as a sidecar does: no sidecar", config.sidecar_ready_url, status)
+        return MeshInfo(NONE, f"no annotations file at {path} and {config.sidecar_ready_url} answers HTTP {status}")
+    return MeshInfo(SIDECAR, f"no annotations file at {path}, but {config.sidecar_ready_url} answers HTTP {status}")
 
 
 async def wait_for_sidecar(

@@ -16,6 +16,7 @@ import inspect
 import json
 import logging
 import random
+import re
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
@@ -32,6 +33,7 @@ from ._service import MethodSpec, RpcKind
 from ._version import __version__
 
 access_logger = logging.getLogger("meshrpc.access")
+_ACCESS = {"meshrpc_access": True}
 Handler = Callable[..., Any]
 
 # Server spans are errors for these codes only; the rest are the client's business.
@@ -185,7 +187,7 @@ class _Observation:
 
     def _access_log(self, code: grpc.StatusCode, elapsed_ms: float) -> None:
         span_context = self.span.get_span_context() if self.span is not None else None
-        trace_id = f"{span_context.trace_id:032x}" if span_context and span_context.is_valid else ""
+        trace_id = f"{span_context.trace_id:032x}" if span_context and span_context.is_valid else _incoming_trace_id()
         record = {
             "method": self.spec.path,
             "status": code.name,
@@ -193,10 +195,11 @@ class _Observation:
             "peer": self.context.peer(),
             "trace_id": trace_id,
         }
+        # The record carries its own trace id: the log format adds none (one JSON object per line).
         if self.tools.access_log == "json":
-            access_logger.info(json.dumps(record, separators=(",", ":")))
+            access_logger.info(json.dumps(record, separators=(",", ":")), extra=_ACCESS)
         else:
-            access_logger.info(" ".join(f"{k}={v}" for k, v in record.items() if v != ""))
+            access_logger.info(" ".join(f"{k}={escape(v)}" for k, v in record.items() if v != ""), extra=_ACCESS)
 
 
 class _Tools:
@@ -269,13 +272,36 @@ def observer(telemetry: Telemetry, specs: list[MethodSpec]) -> Callable[[MethodS
     return middleware
 
 
+# A trace id as W3C and B3 write it: 32 (or, B3 only, 16) lowercase hex digits.  What
+# a client sends goes into log lines only when it has this shape: anything else
+# (newlines, escapes, fake key=value pairs, kilobytes) would let it forge log lines.
+_TRACE_ID = re.compile(r"(?:[0-9a-f]{16}){1,2}")
+
+
+def _trace_id_or_empty(text: str) -> str:
+    return text if _TRACE_ID.fullmatch(text) and text.strip("0") else ""
+
+
 def _incoming_trace_id() -> str:
     metadata = incoming_metadata()
-    traceparent = metadata.get("traceparent", "")
-    if traceparent.count("-") == 3:
-        return traceparent.split("-")[1]
-    b3 = metadata.get("x-b3-traceid") or metadata.get("b3", "").split("-")[0]
-    return b3
+    traceparent = metadata.get("traceparent")
+    if traceparent is not None:
+        parts = traceparent.split("-")
+        trace_id = _trace_id_or_empty(parts[1]) if len(parts) == 4 else ""
+        return trace_id if len(trace_id) == 32 else ""
+    b3 = metadata.get("x-b3-traceid")
+    if b3 is None:
+        b3 = metadata.get("b3", "").split("-")[0]
+    return _trace_id_or_empty(b3)
+
+
+def escape(value: object) -> str:
+    """``value`` as one safe token for a text log line: control characters, quotes and
+    spaces are escaped (and the value quoted), so no client text can start a line."""
+    text = str(value)
+    if text.isprintable() and not any(c in text for c in ' "=\\'):
+        return text
+    return json.dumps(text)
 
 
 class TraceContextFilter(logging.Filter):
@@ -287,6 +313,9 @@ class TraceContextFilter(logging.Filter):
     """
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if getattr(record, "meshrpc_access", False):  # an access line holds its trace id already
+            record.trace_id, record.trace = "", ""
+            return True
         span_context = trace.get_current_span().get_span_context()
         trace_id = f"{span_context.trace_id:032x}" if span_context.is_valid else _incoming_trace_id()
         record.trace_id = trace_id

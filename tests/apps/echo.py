@@ -23,6 +23,8 @@ failed_once: set[str] = set()
 
 
 async def behave(request: echo_pb2.EchoRequest) -> None:
+    if request.fail.startswith("return-") or request.fail == "yield-none":
+        return  # misbehaviours the handlers themselves act out
     if request.sleep:
         await asyncio.sleep(request.sleep)
     if request.fail.startswith("once:"):  # "once:CODE:key": fail the first call with this key only
@@ -67,7 +69,7 @@ class Echo(echo_pb2_grpc.EchoServicer, meshrpc.Service):
             yield reply(request.text, i) if request.fail != "yield-none" or i == 0 else None  # type: ignore[misc]
             if request.sleep:
                 await asyncio.sleep(request.sleep)
-        if request.fail and request.fail != "yield-none":
+        if request.fail:
             await behave(echo_pb2.EchoRequest(fail=request.fail))
 
     async def ClientStream(self, requests: AsyncIterator[echo_pb2.EchoRequest], context: Any) -> echo_pb2.EchoReply:
