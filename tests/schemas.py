@@ -6,8 +6,8 @@ Two levels, so that a clone with nothing beside it still checks every document:
   API kinds with @kubernetes-models' validators (generated from the official CRDs,
   installed into tests/node by README's test command);
 - where the official CRDs are found (``../shared/schemas`` beside the clone, or the
-  folder named by ``MESHRPC_TEST_CRDS``): their own schemas with unknown fields
-  rejected, and their CEL rules.  ``MESHRPC_TEST_CRDS=`` (empty) hides them.
+  folder named by ``CRD_SCHEMAS_DIR``): their own schemas with unknown fields
+  rejected, and their CEL rules.  ``CRD_SCHEMAS_DIR=`` (empty) hides them.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import yaml
 
 from tests.helpers import NODE_CLIENTS, ROOT
 
-CRDS_VARIABLE = "MESHRPC_TEST_CRDS"
+CRDS_VARIABLE = "CRD_SCHEMAS_DIR"
 CRD_SETS = ("istio-1.30.3", "gateway-api-v1.6.1")
 
 
