@@ -159,7 +159,7 @@ async def _run_check(name: str, check: ReadinessCheck, timeout: float, log: Chec
     if not task.done():
         task.cancel()
         log.stuck[name] = task
-        task.add_done_callback(_consume)
+        task.add_done_callback(consume_outcome)  # its late outcome was already counted as a failure
         log.failed(name, f"timed out after {timeout:g}s")
         return False
     try:
@@ -192,7 +192,8 @@ async def poll_checks(
         await run_checks(health, checks, timeout, log)
 
 
-def _consume(future: asyncio.Future[Any]) -> None:
-    # A timed-out check's late outcome was already counted as a failure.
+def consume_outcome(future: asyncio.Future[Any]) -> None:
+    """A done-callback that retrieves a future's exception, so asyncio does not warn that
+    nobody did, for futures whose outcome is read elsewhere or no longer matters."""
     if not future.cancelled():
         future.exception()

@@ -32,7 +32,7 @@ from ._bind import check_bindable
 from ._config import Config
 from ._errors import AppError, BindError
 from ._handlers import InFlight, Middleware, method_handler
-from ._health import HEALTH_SERVICE, CheckLog, Health, poll_checks, run_checks
+from ._health import HEALTH_SERVICE, CheckLog, Health, consume_outcome, poll_checks, run_checks
 from ._otel_setup import configure_sdk
 from ._otel_setup import flush as flush_telemetry
 from ._reflection import add_reflection
@@ -184,7 +184,7 @@ class Server:
         _mesh.set_current(self.mesh)  # outbound channels made in this process follow it
         if self.mesh.mode == _mesh.SIDECAR:
             self._sidecar = self._task(_mesh.wait_for_sidecar(config.sidecar_ready_url, config.sidecar_ready_timeout))
-            self._sidecar.add_done_callback(_consume)
+            self._sidecar.add_done_callback(consume_outcome)  # its error is raised where it is awaited
 
         if config.port != 0:
             check_bindable(config.host, config.port, reuse_port=config.reuse_port)
@@ -391,10 +391,3 @@ def _register(server: grpc.aio.Server, service: str, handlers: dict[str, grpc.Rp
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, handlers),))
     # Registered methods are matched by grpc's core, before any Python lookup.
     server.add_registered_method_handlers(service, handlers)
-
-
-def _consume(future: asyncio.Future[None]) -> None:
-    # The wait's error is raised where it is awaited; this only keeps asyncio
-    # from warning about a never-retrieved exception when nobody awaits it.
-    if not future.cancelled():
-        future.exception()
