@@ -48,13 +48,13 @@ def test_object_that_is_not_a_servicer() -> None:
         meshrpc.App("bad", services=[object()])
 
 
-def test_sync_handler_is_rejected_at_registration() -> None:
-    class Sync(echo_pb2_grpc.EchoServicer):
+def test_generator_for_a_single_reply_is_rejected_at_registration() -> None:
+    class Yields(echo_pb2_grpc.EchoServicer):
         def Unary(self, request: Any, context: Any) -> Any:
-            return None
+            yield None
 
-    with pytest.raises(meshrpc.AppError, match=r"Sync\.Unary must be 'async def'"):
-        meshrpc.App("sync", services=[Sync()])
+    with pytest.raises(meshrpc.AppError, match=r"Yields\.Unary must return its reply, not yield"):
+        meshrpc.App("sync", services=[Yields()])
 
 
 @pytest.mark.parametrize("name", ["", "Greeter", "my_app", "-x", "a" * 64])

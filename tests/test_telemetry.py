@@ -77,7 +77,7 @@ def otel() -> Iterator[Otel]:
 async def test_no_sdk_means_no_wrapper_at_all() -> None:
     _reset_globals()
     async with testing.running(app) as server:
-        assert server.server._telemetry_middlewares() == ()
+        assert server.server._telemetry_wrappers() == ()
 
 
 async def test_unary_span_follows_the_rpc_conventions(otel: Otel) -> None:

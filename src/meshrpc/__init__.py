@@ -6,8 +6,10 @@ gives it health, reflection, a zero-loss drain and mesh-aware readiness;
 """
 
 from ._app import App, Lifespan
+from ._caller import Caller, caller
 from ._client import RetryPolicy, channel
 from ._config import Config
+from ._details import error_details
 from ._errors import (
     Aborted,
     AlreadyExists,
@@ -31,6 +33,7 @@ from ._errors import (
     Unimplemented,
 )
 from ._mesh import SidecarNotReady, quit_sidecar, wait_for_sidecar
+from ._middleware import Call, CallNext, Middleware, current_call, skip_middleware
 from ._outbound import OutboundInterceptor, outgoing_metadata
 from ._routing import RouteOptions, route
 from ._service import Service
@@ -43,6 +46,9 @@ __all__ = [
     "App",
     "AppError",
     "BindError",
+    "Call",
+    "CallNext",
+    "Caller",
     "Cancelled",
     "Config",
     "ConfigError",
@@ -53,6 +59,7 @@ __all__ = [
     "InvalidArgument",
     "Lifespan",
     "MeshrpcError",
+    "Middleware",
     "NotFound",
     "OutOfRange",
     "OutboundInterceptor",
@@ -68,9 +75,13 @@ __all__ = [
     "Unavailable",
     "Unimplemented",
     "__version__",
+    "caller",
     "channel",
+    "current_call",
+    "error_details",
     "outgoing_metadata",
     "quit_sidecar",
     "route",
+    "skip_middleware",
     "wait_for_sidecar",
 ]

@@ -10,9 +10,13 @@ from collections.abc import Callable, Iterable
 from contextlib import AbstractAsyncContextManager
 from typing import TYPE_CHECKING, Any, TypeVar
 
+import grpc
+
 from ._config import Config, from_env
 from ._errors import AppError
 from ._health import ReadinessCheck
+from ._interceptors import check_interceptors
+from ._middleware import Middleware, check_middleware
 from ._service import Service, ServiceSpec, describe
 
 if TYPE_CHECKING:
@@ -30,6 +34,12 @@ class App:
     (``contextlib.asynccontextmanager`` works): the code before its ``yield``
     runs before the server reports ready, the code after it once the server
     has stopped.
+
+    ``middleware`` (meshrpc's own, see :class:`Call`) and ``interceptors``
+    (standard ``grpc.aio.ServerInterceptor`` objects) see the RPCs of the app's
+    services, in list order; interceptors run first.  Health and reflection are
+    left out, since probes and grpcurl carry no credentials, unless
+    ``intercept_builtins`` is true.
     """
 
     def __init__(
@@ -39,6 +49,9 @@ class App:
         *,
         config: Config | None = None,
         lifespan: Lifespan | None = None,
+        middleware: Iterable[Middleware] = (),
+        interceptors: Iterable[grpc.aio.ServerInterceptor] = (),
+        intercept_builtins: bool = False,
     ) -> None:
         if not _NAME.match(name):
             raise AppError(
@@ -48,6 +61,9 @@ class App:
         self.name = name
         self.config = config if config is not None else Config()
         self.lifespan = lifespan
+        self.middleware: tuple[Middleware, ...] = check_middleware(middleware)
+        self.interceptors: tuple[grpc.aio.ServerInterceptor, ...] = check_interceptors(interceptors)
+        self.intercept_builtins = intercept_builtins
         self._checks: dict[str, ReadinessCheck] = {}
         self._draining = asyncio.Event()
         self._server: Server | None = None

@@ -45,6 +45,10 @@ class Config:
         None,
         "RPCs served at once; beyond it new ones get RESOURCE_EXHAUSTED. Unset: no limit.",
     )
+    thread_pool_size: int = _setting(
+        16,
+        "Threads that run 'def' handlers; more concurrent sync calls wait for a free thread.",
+    )
     reflection: bool = _setting(True, "Serve gRPC server reflection (v1 and v1alpha).")
     drain_delay: float = _setting(
         5.0,
@@ -100,6 +104,11 @@ class Config:
         for name in ("max_receive_message_size", "max_send_message_size"):
             value = getattr(self, name)
             _require(value > 0, name, f"must be a positive number of bytes, got {value}")
+        _require(
+            self.thread_pool_size > 0,
+            "thread_pool_size",
+            f"must be a positive number of threads, got {self.thread_pool_size}",
+        )
         if self.max_concurrent_rpcs is not None:
             _require(
                 self.max_concurrent_rpcs > 0,

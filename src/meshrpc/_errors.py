@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import grpc
+from google.protobuf.message import Message
 
 
 class MeshrpcError(Exception):
@@ -26,15 +29,27 @@ class StatusError(Exception):
 
     The message goes to the client as the status details, so keep internals out
     of it.  Subclasses fix the status code: ``raise meshrpc.NotFound("no such user")``.
+
+    ``details`` are protobuf messages (``google.rpc.BadRequest``, ``ErrorInfo``,
+    ``RetryInfo``, ...) sent as a ``google.rpc.Status`` in the
+    ``grpc-status-details-bin`` trailer, where every gRPC client library reads them.
     """
 
     code: grpc.StatusCode = grpc.StatusCode.UNKNOWN
 
-    def __init__(self, message: str = "", *, code: grpc.StatusCode | None = None) -> None:
+    def __init__(
+        self, message: str = "", *, code: grpc.StatusCode | None = None, details: Iterable[Message] = ()
+    ) -> None:
         super().__init__(message)
         self.message = message
+        self.details: tuple[Message, ...] = tuple(details)
         if code is not None:
             self.code = code
+        if self.code is grpc.StatusCode.OK:
+            raise ValueError("a StatusError cannot carry the OK status: return from the handler instead")
+        for detail in self.details:
+            if not isinstance(detail, Message):
+                raise TypeError(f"error details must be protobuf messages, got {type(detail).__name__}")
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.message!r}, code={self.code.name})"

@@ -8,22 +8,22 @@ decided here at registration, so an RPC pays for one coroutine frame and a
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import inspect
-import logging
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import grpc
 from google.protobuf.message import DecodeError
 
-from ._errors import StatusError
+from ._errors import AppError
+from ._failures import HANDLER_ERRORS, fail, wrong_reply
+from ._middleware import Middleware, applicable, compose
 from ._rpc_context import current_rpc
 from ._service import MethodSpec, RpcKind
-
-logger = logging.getLogger("meshrpc.handlers")
+from ._sync import adapt, is_sync
 
 Handler = Callable[..., Any]
-INTERNAL_DETAILS = "Internal server error"
 
 
 class InFlight:
@@ -64,33 +64,6 @@ def _deserializer(spec: MethodSpec) -> Callable[[bytes], Any]:
             return _Malformed(f"request is not a valid {name}")
 
     return deserialize
-
-
-# What a handler raises, but for aborts and cancellation, is its own bug, answered
-# INTERNAL: BaseException, not Exception.  asyncio re-raises a task's SystemExit or
-# KeyboardInterrupt out of the event loop itself, so a handler's `sys.exit()` tore
-# down the loop under grpc's live server and the process died with SIGSEGV
-# (exit 139) before any drain or log.  Caught here, grpc never sees one.
-HANDLER_ERRORS = BaseException
-
-
-async def _fail(context: grpc.aio.ServicerContext[Any, Any], spec: MethodSpec, exc: BaseException) -> None:
-    """Answer the client for an exception a handler raised; never returns."""
-    if isinstance(exc, StatusError):
-        await context.abort(exc.code, exc.message)
-    logger.error("unhandled exception in %s", spec.path, exc_info=exc)
-    await context.abort(grpc.StatusCode.INTERNAL, INTERNAL_DETAILS)
-
-
-async def _wrong_reply(context: grpc.aio.ServicerContext[Any, Any], spec: MethodSpec, reply: Any) -> None:
-    """A handler returned (or yielded) something that is not the response message; never returns."""
-    logger.error(
-        "%s returned %s instead of a %s",
-        spec.path,
-        type(reply).__name__,
-        spec.response_type.DESCRIPTOR.full_name,
-    )
-    await context.abort(grpc.StatusCode.INTERNAL, INTERNAL_DETAILS)
 
 
 async def _over_limit(context: grpc.aio.ServicerContext[Any, Any], inflight: InFlight) -> None:
@@ -136,7 +109,7 @@ def _wrap(spec: MethodSpec, impl: Handler, inflight: InFlight) -> Handler:
             try:
                 reply = await impl(request, context)
                 if reply.__class__ is not reply_class and not isinstance(reply, reply_class):
-                    await _wrong_reply(context, spec, reply)
+                    await wrong_reply(context, spec, reply)
                 return reply
             except abort_error:
                 raise
@@ -144,7 +117,7 @@ def _wrap(spec: MethodSpec, impl: Handler, inflight: InFlight) -> Handler:
                 inflight.cancelled += 1
                 raise
             except HANDLER_ERRORS as exc:
-                await _fail(context, spec, exc)
+                await fail(context, spec, exc)
             finally:
                 inflight.count -= 1
 
@@ -160,7 +133,7 @@ def _wrap(spec: MethodSpec, impl: Handler, inflight: InFlight) -> Handler:
             try:
                 reply = await impl(_checked(requests, context), context)
                 if reply.__class__ is not reply_class and not isinstance(reply, reply_class):
-                    await _wrong_reply(context, spec, reply)
+                    await wrong_reply(context, spec, reply)
                 return reply
             except abort_error:
                 raise
@@ -168,7 +141,7 @@ def _wrap(spec: MethodSpec, impl: Handler, inflight: InFlight) -> Handler:
                 inflight.cancelled += 1
                 raise
             except HANDLER_ERRORS as exc:
-                await _fail(context, spec, exc)
+                await fail(context, spec, exc)
             finally:
                 inflight.count -= 1
 
@@ -189,7 +162,7 @@ def _wrap(spec: MethodSpec, impl: Handler, inflight: InFlight) -> Handler:
             try:
                 async for reply in impl(first_arg(request, context), context):
                     if reply.__class__ is not reply_class and not isinstance(reply, reply_class):
-                        await _wrong_reply(context, spec, reply)
+                        await wrong_reply(context, spec, reply)
                     yield reply
             except (abort_error, GeneratorExit):  # GeneratorExit: grpc closed the stream
                 raise
@@ -197,7 +170,7 @@ def _wrap(spec: MethodSpec, impl: Handler, inflight: InFlight) -> Handler:
                 inflight.cancelled += 1
                 raise
             except HANDLER_ERRORS as exc:
-                await _fail(context, spec, exc)
+                await fail(context, spec, exc)
             finally:
                 inflight.count -= 1
 
@@ -219,14 +192,14 @@ def _wrap(spec: MethodSpec, impl: Handler, inflight: InFlight) -> Handler:
             inflight.cancelled += 1
             raise
         except HANDLER_ERRORS as exc:
-            await _fail(context, spec, exc)
+            await fail(context, spec, exc)
         finally:
             inflight.count -= 1
 
     return writing
 
 
-Middleware = Callable[[MethodSpec, Handler], Handler]
+Wrapper = Callable[[MethodSpec, Handler], Handler]
 
 _FACTORIES = {
     RpcKind.UNARY_UNARY: grpc.unary_unary_rpc_method_handler,
@@ -237,21 +210,34 @@ _FACTORIES = {
 
 
 def method_handler(
-    spec: MethodSpec, middlewares: tuple[Middleware, ...] = (), inflight: InFlight | None = None
+    spec: MethodSpec,
+    wrappers: tuple[Wrapper, ...] = (),
+    inflight: InFlight | None = None,
+    *,
+    middleware: tuple[Middleware, ...] = (),
+    pool: concurrent.futures.Executor | None = None,
 ) -> grpc.RpcMethodHandler[Any, Any]:
-    """The grpc handler for ``spec``: the user's method inside meshrpc's wrappers.
+    """The grpc handler for ``spec``: the user's method inside meshrpc's layers.
 
-    Middlewares wrap the user's method inside the error mapping, so they see the
-    exceptions it raises; each must keep the method's shape (coroutine function or
-    async generator function).  ``inflight`` counts (and limits) the RPCs; without
-    it, as for health and reflection, nothing is counted or limited.
+    From the inside out: a ``def`` method is run in ``pool``; the user's
+    ``middleware`` (those the method did not opt out of); meshrpc's ``wrappers``
+    (telemetry), which must keep the method's shape; the error mapping.
+    ``inflight`` counts (and limits) the RPCs; without it, as for health and
+    reflection, nothing is counted or limited.
     """
     if spec.impl is None:
         handler = _unimplemented(spec)
     else:
         impl = spec.impl
-        for middleware in middlewares:
-            impl = middleware(spec, impl)
+        if is_sync(impl):
+            if pool is None:
+                raise AppError(f"{spec.path} is a 'def' handler, but no thread pool was given for it")
+            impl = adapt(spec, impl, pool)
+        chain = applicable(spec, middleware)
+        if chain:
+            impl = compose(spec, chain, impl)
+        for wrapper in wrappers:
+            impl = wrapper(spec, impl)
         handler = _wrap(spec, impl, inflight if inflight is not None else InFlight())
     factory: Any = _FACTORIES[spec.kind]
     result: grpc.RpcMethodHandler[Any, Any] = factory(

@@ -14,6 +14,7 @@ import logging
 import os
 import sys
 import threading
+import time
 from collections.abc import Coroutine
 from typing import Any
 
@@ -49,6 +50,10 @@ def run(main: Coroutine[Any, Any, int]) -> int:
     finally:
         asyncio.set_event_loop(None)
     threads = [t for t in threading.enumerate() if t is not threading.main_thread() and t.is_alive() and not t.daemon]
+    deadline = time.monotonic() + EXIT_WAIT  # e.g. 'def' handlers finishing after their RPC was cancelled
+    for thread in threads:
+        thread.join(max(0.0, deadline - time.monotonic()))
+    threads = [t for t in threads if t.is_alive()]
     abandoned += [f"thread {t.name}" for t in threads]
     if abandoned:
         logger.warning("exiting with %d still running, abandoned: %s", len(abandoned), "; ".join(abandoned))

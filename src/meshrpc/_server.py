@@ -14,6 +14,7 @@ Signal handlers only set flags (and wake the loop); all work happens here.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import gc
 import logging
@@ -31,13 +32,15 @@ from . import _mesh
 from ._bind import check_bindable
 from ._config import Config
 from ._errors import AppError, BindError
-from ._handlers import InFlight, Middleware, method_handler
+from ._handlers import InFlight, Wrapper, method_handler
 from ._health import HEALTH_SERVICE, CheckLog, Health, consume_outcome, poll_checks, run_checks
+from ._interceptors import server_interceptors
 from ._otel_setup import configure_sdk
 from ._otel_setup import flush as flush_telemetry
 from ._reflection import add_reflection
 from ._runner import hard_exit, owns_process
 from ._service import describe
+from ._sync import is_sync
 from ._telemetry import Telemetry, observer, sdk_configured
 
 if TYPE_CHECKING:
@@ -69,6 +72,7 @@ class Server:
         self._otel_shutdown: Callable[[], None] | None = None
         self._inflight = InFlight(config.max_concurrent_rpcs)
         self._owns_process = False
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
         self.phase = "starting"
 
     @property
@@ -190,7 +194,10 @@ class Server:
             check_bindable(config.host, config.port, reuse_port=config.reuse_port)
         # max_concurrent_rpcs is enforced by meshrpc's handlers on the app's own services
         # (InFlight), so health and reflection always answer.
-        server = grpc.aio.server(options=self._options())
+        server = grpc.aio.server(
+            options=self._options(),
+            interceptors=server_interceptors(app.interceptors, builtins=app.intercept_builtins),
+        )
         self._grpc = server
         try:
             self.port = server.add_insecure_port(config.address)
@@ -242,6 +249,10 @@ class Server:
             task.cancel()
         if self._grpc is not None:
             await self._grpc.stop(0)  # no-op after a completed drain
+        if self._pool is not None:
+            # Handlers still running past the grace were cancelled; their threads are
+            # not waited for here (the runner gives them a bounded moment at exit).
+            self._pool.shutdown(wait=False, cancel_futures=True)
         if self._lifespan is not None:
             lifespan, self._lifespan = self._lifespan, None
             self.phase = "lifespan shutdown"
@@ -296,7 +307,7 @@ class Server:
             )
         return options
 
-    def _telemetry_middlewares(self) -> tuple[Middleware, ...]:
+    def _telemetry_wrappers(self) -> tuple[Wrapper, ...]:
         config = self.config
         tracing, metering = sdk_configured() if config.telemetry else (False, False)
         telemetry = Telemetry(
@@ -313,9 +324,13 @@ class Server:
         return (observer(telemetry, [m for s in self.app.services for m in s.methods]),)
 
     def _add_handlers(self, server: grpc.aio.Server, health: Health) -> list[str]:
-        middlewares = self._telemetry_middlewares()
+        wrappers = self._telemetry_wrappers()
+        middleware, pool = self.app.middleware, self._thread_pool()
         for service in self.app.services:
-            handlers = {m.name: method_handler(m, middlewares, self._inflight) for m in service.methods}
+            handlers = {
+                m.name: method_handler(m, wrappers, self._inflight, middleware=middleware, pool=pool)
+                for m in service.methods
+            }
             _register(server, service.name, handlers)
         # Health and reflection get the same malformed-body and error mapping, but no
         # middleware and no concurrency limit: probes must always be answered.
@@ -325,6 +340,17 @@ class Server:
         if self.config.reflection:
             names = list(add_reflection(server, names))
         return names
+
+    def _thread_pool(self) -> concurrent.futures.ThreadPoolExecutor | None:
+        """The pool for 'def' handlers; made only when the app has some."""
+        sync = [m.path for s in self.app.services for m in s.methods if m.impl is not None and is_sync(m.impl)]
+        if not sync:
+            return None
+        self._pool = concurrent.futures.ThreadPoolExecutor(
+            max_workers=self.config.thread_pool_size, thread_name_prefix="meshrpc-handler"
+        )
+        logger.debug("%d 'def' handlers run in %d threads", len(sync), self.config.thread_pool_size)
+        return self._pool
 
     async def _drain(self) -> None:
         assert self._grpc is not None and self.health is not None

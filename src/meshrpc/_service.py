@@ -122,17 +122,15 @@ def _generated_bases(cls: type) -> list[tuple[type, _descriptor.ServiceDescripto
 
 def _check_impl(cls: type, name: str, fn: Any, kind: RpcKind) -> None:
     where = f"{cls.__name__}.{name}"
-    if kind is RpcKind.UNARY_STREAM:
-        ok = inspect.isasyncgenfunction(fn) or inspect.iscoroutinefunction(fn)
-        shape = "'async def' (yielding replies, or writing them with context.write)"
-    elif kind is RpcKind.STREAM_STREAM:
-        ok = inspect.isasyncgenfunction(fn) or inspect.iscoroutinefunction(fn)
-        shape = "'async def' (iterating requests and yielding replies)"
-    else:
-        ok = inspect.iscoroutinefunction(fn)
-        shape = "'async def' returning the reply"
-    if not ok:
-        raise AppError(f"{where} must be {shape}: meshrpc serves on asyncio")
+    if not callable(fn):
+        raise AppError(f"{where} is not a method: it must be a function handling the RPC")
+    streaming_replies = kind in (RpcKind.UNARY_STREAM, RpcKind.STREAM_STREAM)
+    if inspect.isasyncgenfunction(fn) and not streaming_replies:
+        raise AppError(f"{where} must return its reply, not yield: the RPC has a single response")
+    if inspect.isgeneratorfunction(fn) and not streaming_replies:
+        raise AppError(f"{where} must return its reply, not yield: the RPC has a single response")
+    # 'async def' runs on the event loop; a plain 'def' (or a sync generator for a
+    # server stream) runs in the thread pool, as grpc.server(ThreadPoolExecutor) ran it.
 
 
 def describe(servicer: object) -> list[ServiceSpec]:

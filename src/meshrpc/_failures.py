@@ -1,0 +1,45 @@
+"""How the end of a failed handler is answered: its status, message and details."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import grpc
+
+from ._errors import StatusError
+from ._service import MethodSpec
+
+logger = logging.getLogger("meshrpc.handlers")
+INTERNAL_DETAILS = "Internal server error"
+
+# What a handler raises, but for aborts and cancellation, is its own bug, answered
+# INTERNAL: BaseException, not Exception.  asyncio re-raises a task's SystemExit or
+# KeyboardInterrupt out of the event loop itself, so a handler's `sys.exit()` tore
+# down the loop under grpc's live server and the process died with SIGSEGV
+# (exit 139) before any drain or log.  Caught here, grpc never sees one.
+HANDLER_ERRORS = BaseException
+
+
+async def fail(context: grpc.aio.ServicerContext[Any, Any], spec: MethodSpec, exc: BaseException) -> None:
+    """Answer the client for an exception a handler raised; never returns."""
+    if isinstance(exc, StatusError):
+        if exc.details:
+            from ._details import status_trailer
+
+            trailer = status_trailer(exc.code, exc.message, exc.details)
+            await context.abort(exc.code, exc.message, trailing_metadata=trailer)
+        await context.abort(exc.code, exc.message)
+    logger.error("unhandled exception in %s", spec.path, exc_info=exc)
+    await context.abort(grpc.StatusCode.INTERNAL, INTERNAL_DETAILS)
+
+
+async def wrong_reply(context: grpc.aio.ServicerContext[Any, Any], spec: MethodSpec, reply: Any) -> None:
+    """A handler returned (or yielded) something that is not the response message; never returns."""
+    logger.error(
+        "%s returned %s instead of a %s",
+        spec.path,
+        type(reply).__name__,
+        spec.response_type.DESCRIPTOR.full_name,
+    )
+    await context.abort(grpc.StatusCode.INTERNAL, INTERNAL_DETAILS)

@@ -1,0 +1,261 @@
+"""Middleware: code that sees every RPC of the app's services, one shape for all four kinds.
+
+A middleware is an async callable ``(call, call_next)``::
+
+    async def require_token(call: meshrpc.Call, call_next: meshrpc.CallNext) -> None:
+        if call.metadata.get("authorization") != "Bearer s3cret":
+            raise meshrpc.Unauthenticated("missing or wrong token")
+        await call_next(call)
+
+``call_next(call)`` runs the rest of the chain and the handler, to the end of
+the RPC (every streamed reply written), and raises what the handler raised.
+Afterwards ``call.code`` is the status the RPC ends with.  The chain is built
+once per method at startup; an RPC pays for one :class:`Call` and a coroutine
+per middleware, nothing per streamed message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import inspect
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any, Protocol, TypeVar
+
+import grpc
+
+from . import _mesh
+from ._caller import Caller, caller_of
+from ._errors import AppError, StatusError
+from ._failures import wrong_reply
+from ._rpc_context import text_metadata
+from ._service import MethodSpec, RpcKind
+
+Handler = Callable[..., Any]
+F = TypeVar("F", bound=Callable[..., Any])
+_SKIP = "_meshrpc_skip_middleware"
+
+
+class Call:
+    """One RPC, as middleware sees it.
+
+    ``request`` is the request message (``None`` for client-streaming methods, whose
+    requests the handler reads).  ``code`` and ``exception`` are set when
+    ``call_next`` returns or raises.  ``state`` is a dict for middleware to pass
+    values to later middleware and to the handler (``meshrpc.current_call()``).
+    """
+
+    __slots__ = ("_reply", "_requests", "code", "context", "exception", "request", "spec", "state")
+
+    def __init__(self, spec: MethodSpec, context: grpc.aio.ServicerContext[Any, Any], request: Any) -> None:
+        self.spec = spec
+        self.context = context
+        self.request = request
+        self.code: grpc.StatusCode | None = None
+        self.exception: BaseException | None = None
+        self.state: dict[str, Any] = {}
+        self._reply: Any = None
+        self._requests: Any = None
+
+    @property
+    def method(self) -> str:
+        """The RPC's path: ``/package.Service/Method``."""
+        return self.spec.path
+
+    @property
+    def service(self) -> str:
+        return self.spec.service
+
+    @property
+    def method_name(self) -> str:
+        return self.spec.name
+
+    @property
+    def kind(self) -> str:
+        """``unary_unary``, ``unary_stream``, ``stream_unary`` or ``stream_stream``."""
+        return self.spec.kind.value
+
+    @property
+    def metadata(self) -> dict[str, str]:
+        """The request metadata, text values only (keys are lowercase)."""
+        return text_metadata(self.context)
+
+    @property
+    def binary_metadata(self) -> dict[str, bytes]:
+        """The request's ``-bin`` metadata."""
+        return {k: v for k, v in (self.context.invocation_metadata() or ()) if isinstance(v, bytes)}
+
+    @property
+    def peer(self) -> str:
+        """The connection's peer, as grpc writes it (``ipv4:127.0.0.1:5432``); the sidecar behind a mesh."""
+        return self.context.peer()
+
+    @property
+    def time_remaining(self) -> float | None:
+        """Seconds left before the caller's deadline, or None without one."""
+        remaining = self.context.time_remaining()
+        return None if remaining is None or remaining > 1e9 else remaining
+
+    @property
+    def caller(self) -> Caller | None:
+        """The caller's verified identity (see :func:`meshrpc.caller`)."""
+        return caller_of(self.context, _mesh.current_mode())
+
+    def __repr__(self) -> str:
+        code = self.code.name if self.code is not None else "running"
+        return f"<Call {self.method} {code}>"
+
+
+CallNext = Callable[[Call], Awaitable[None]]
+_current: contextvars.ContextVar[Call] = contextvars.ContextVar("meshrpc_call")
+
+
+def current_call() -> Call | None:
+    """The current RPC's :class:`Call` inside a handler behind middleware, else None.
+
+    Handlers read what middleware put in ``call.state`` this way.
+    """
+    return _current.get(None)
+
+
+class Middleware(Protocol):
+    """What ``App(middleware=[...])`` takes: ``async def mw(call, call_next) -> None``."""
+
+    def __call__(self, call: Call, call_next: CallNext, /) -> Awaitable[None]: ...
+
+
+def skip_middleware(*which: Any) -> Any:
+    """Keep middleware away from one method.
+
+    ``@meshrpc.skip_middleware`` skips all of the app's middleware;
+    ``@meshrpc.skip_middleware(require_token)`` only those named.  Interceptors and
+    meshrpc's own telemetry still apply.
+    """
+    if len(which) == 1 and inspect.isfunction(which[0]) and _is_handler(which[0]):
+        setattr(which[0], _SKIP, None)  # None: every middleware
+        return which[0]
+
+    def mark(fn: F) -> F:
+        setattr(fn, _SKIP, frozenset(id(m) for m in which))
+        return fn
+
+    return mark
+
+
+def _is_handler(fn: Callable[..., Any]) -> bool:
+    """A servicer method (self, request, context), not a middleware passed by name."""
+    params = list(inspect.signature(fn).parameters)
+    return len(params) == 3 and params[0] == "self"
+
+
+def applicable(spec: MethodSpec, middleware: tuple[Middleware, ...]) -> tuple[Middleware, ...]:
+    """The middleware that ``spec``'s method has not opted out of."""
+    impl = spec.impl
+    if impl is None or not middleware:
+        return ()
+    skip = getattr(getattr(impl, "__func__", impl), _SKIP, ())
+    if skip is None:
+        return ()
+    return tuple(m for m in middleware if id(m) not in skip)
+
+
+def check_middleware(middleware: Iterable[Any]) -> tuple[Middleware, ...]:
+    """Validate ``App(middleware=...)`` once, at construction."""
+    checked = []
+    for item in middleware:
+        target = item if inspect.isfunction(item) or inspect.ismethod(item) else getattr(item, "__call__", None)  # noqa: B004
+        if target is None or not inspect.iscoroutinefunction(target):
+            raise AppError(
+                f"middleware {item!r} must be an 'async def' callable taking (call, call_next), "
+                "or an object whose __call__ is one"
+            )
+        checked.append(item)
+    return tuple(checked)
+
+
+def _code_of(exc: BaseException, context: grpc.aio.ServicerContext[Any, Any]) -> grpc.StatusCode:
+    """The status an RPC ends with when ``exc`` leaves the handler (see _handlers._fail)."""
+    if isinstance(exc, StatusError):
+        return exc.code
+    if isinstance(exc, grpc.aio.AbortError):
+        code = context.code()
+        return code if isinstance(code, grpc.StatusCode) else grpc.StatusCode.UNKNOWN
+    if isinstance(exc, asyncio.CancelledError):
+        return grpc.StatusCode.CANCELLED
+    return grpc.StatusCode.INTERNAL
+
+
+class _Next:
+    """``call_next`` for one place in the chain: runs the rest and records how it ended."""
+
+    __slots__ = ("middleware", "rest")
+
+    def __init__(self, middleware: Middleware | None, rest: Any) -> None:
+        self.middleware = middleware
+        self.rest = rest
+
+    async def __call__(self, call: Call) -> None:
+        try:
+            if self.middleware is None:
+                await self.rest(call)
+            else:
+                await self.middleware(call, self.rest)
+        except BaseException as exc:
+            call.exception = exc
+            call.code = _code_of(exc, call.context)
+            raise
+        code = call.context.code()
+        call.code = code if isinstance(code, grpc.StatusCode) else grpc.StatusCode.OK
+        call.exception = None
+
+
+def _innermost(spec: MethodSpec, impl: Handler) -> Callable[[Call], Awaitable[None]]:
+    """Run the handler itself for ``call``; streamed replies are written, not re-yielded."""
+    streaming_requests = spec.kind in (RpcKind.STREAM_UNARY, RpcKind.STREAM_STREAM)
+    if spec.kind in (RpcKind.UNARY_UNARY, RpcKind.STREAM_UNARY):
+
+        async def reply(call: Call) -> None:
+            call._reply = await impl(call._requests if streaming_requests else call.request, call.context)
+
+        return reply
+
+    if inspect.isasyncgenfunction(impl):
+        reply_class = spec.response_type
+
+        async def stream(call: Call) -> None:
+            context = call.context
+            async for reply in impl(call._requests if streaming_requests else call.request, context):
+                if reply.__class__ is not reply_class and not isinstance(reply, reply_class):
+                    await wrong_reply(context, spec, reply)
+                await context.write(reply)
+
+        return stream
+
+    async def writing(call: Call) -> None:
+        await impl(call._requests if streaming_requests else call.request, call.context)
+
+    return writing
+
+
+def compose(spec: MethodSpec, middleware: tuple[Middleware, ...], impl: Handler) -> Handler:
+    """``impl`` behind ``middleware`` (first in the list runs first), as a grpc.aio behaviour.
+
+    The result is a coroutine function for every kind: server-streaming replies are
+    written with ``context.write`` inside the chain, so middleware runs around the
+    whole stream.
+    """
+    rest: Any = _Next(None, _innermost(spec, impl))
+    for item in reversed(middleware[1:]):
+        rest = _Next(item, rest)
+    first = middleware[0]
+    streaming_requests = spec.kind in (RpcKind.STREAM_UNARY, RpcKind.STREAM_STREAM)
+    enter = _current.set
+
+    async def handle(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        call = Call(spec, context, None if streaming_requests else request)
+        call._requests = request
+        enter(call)  # each RPC runs in its own task: no reset needed
+        await first(call, rest)
+        return call._reply
+
+    return handle
