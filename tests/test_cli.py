@@ -164,11 +164,24 @@ def test_app_found_from_environment_and_pyproject(tmp_path: Path) -> None:
 
 def test_grpc_js_client(greeter: Served) -> None:
     """Node's grpc-js speaks HTTP/2 with its own stack: unary, errors and streams all work."""
+    from google.rpc import status_pb2
+
     from tests.helpers import NODE_CLIENTS
 
-    result = run("node", str(NODE_CLIENTS / "client.js"), greeter.target, str(ROOT / "proto"))
+    googleapis = Path(status_pb2.__file__).parent.parent.parent  # where google/rpc/*.proto are installed
+    result = run("node", str(NODE_CLIENTS / "client.js"), greeter.target, str(ROOT / "proto"), str(googleapis))
     assert result.returncode == 0, result.stderr
     seen = json.loads(result.stdout)
     assert seen["hello"] == {"message": "Hello, Node!"}
-    assert seen["invalid"] == {"code": grpc.StatusCode.INVALID_ARGUMENT.value[0], "details": "name must not be empty"}
+    # The BadRequest detail, decoded by grpc-js's client from grpc-status-details-bin.
+    assert seen["invalid"] == {
+        "code": grpc.StatusCode.INVALID_ARGUMENT.value[0],
+        "details": "name must not be empty",
+        "statusDetails": [
+            {
+                "type": "google.rpc.BadRequest",
+                "value": {"fieldViolations": [{"field": "name", "description": "must not be empty"}]},
+            }
+        ],
+    }
     assert seen["stream"] == {"messages": [f"Hello, Node! ({i}/3)" for i in (1, 2, 3)], "code": 0}

@@ -6,6 +6,7 @@ import asyncio
 from collections.abc import AsyncIterator
 
 import grpc
+from google.rpc import error_details_pb2
 
 import meshrpc
 from examples._generated.helloworld import helloworld_pb2, helloworld_pb2_grpc
@@ -16,7 +17,11 @@ class Greeter(helloworld_pb2_grpc.GreeterServicer, meshrpc.Service):
         self, request: helloworld_pb2.HelloRequest, context: grpc.aio.ServicerContext[object, object]
     ) -> helloworld_pb2.HelloReply:
         if not request.name:
-            raise meshrpc.InvalidArgument("name must not be empty")
+            # The details tell any client (Go, Java, Node, grpcurl) which field is wrong.
+            violation = error_details_pb2.BadRequest.FieldViolation(field="name", description="must not be empty")
+            raise meshrpc.InvalidArgument(
+                "name must not be empty", details=[error_details_pb2.BadRequest(field_violations=[violation])]
+            )
         return helloworld_pb2.HelloReply(message=f"Hello, {request.name}!")
 
     async def SayHelloStream(

@@ -39,6 +39,15 @@ class Config:
         False,
         "Allow several servers on one port (SO_REUSEPORT). Off, so a port in use is an error.",
     )
+    tls_cert_file: str | None = _setting(
+        None,
+        "PEM certificate chain to serve TLS with (and tls_key_file). Unset: plaintext, as behind a sidecar.",
+    )
+    tls_key_file: str | None = _setting(None, "PEM private key of tls_cert_file.")
+    tls_client_ca_file: str | None = _setting(
+        None,
+        "PEM CA bundle: clients must present a certificate it signed (mutual TLS). Needs tls_cert_file.",
+    )
     max_receive_message_size: int = _setting(4 * MiB, "Largest request message accepted, in bytes.")
     max_send_message_size: int = _setting(4 * MiB, "Largest response message sent, in bytes.")
     max_concurrent_rpcs: int | None = _setting(
@@ -104,6 +113,16 @@ class Config:
         for name in ("max_receive_message_size", "max_send_message_size"):
             value = getattr(self, name)
             _require(value > 0, name, f"must be a positive number of bytes, got {value}")
+        _require(
+            (self.tls_cert_file is None) == (self.tls_key_file is None),
+            "tls_cert_file",
+            "tls_cert_file and tls_key_file go together: set both or neither",
+        )
+        _require(
+            self.tls_client_ca_file is None or self.tls_cert_file is not None,
+            "tls_client_ca_file",
+            "client certificates need the server's own TLS: set tls_cert_file and tls_key_file too",
+        )
         _require(
             self.thread_pool_size > 0,
             "thread_pool_size",

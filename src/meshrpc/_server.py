@@ -30,8 +30,8 @@ import grpc
 
 from . import _mesh
 from ._bind import check_bindable
-from ._config import Config
-from ._errors import AppError, BindError
+from ._config import Config, env_name
+from ._errors import AppError, BindError, ConfigError
 from ._handlers import InFlight, Wrapper, method_handler
 from ._health import HEALTH_SERVICE, CheckLog, Health, consume_outcome, poll_checks, run_checks
 from ._interceptors import server_interceptors
@@ -194,13 +194,17 @@ class Server:
             check_bindable(config.host, config.port, reuse_port=config.reuse_port)
         # max_concurrent_rpcs is enforced by meshrpc's handlers on the app's own services
         # (InFlight), so health and reflection always answer.
+        credentials = _tls_credentials(config)  # before the server: a bad file leaves nothing half-made
         server = grpc.aio.server(
             options=self._options(),
             interceptors=server_interceptors(app.interceptors, builtins=app.intercept_builtins),
         )
         self._grpc = server
         try:
-            self.port = server.add_insecure_port(config.address)
+            if credentials is None:
+                self.port = server.add_insecure_port(config.address)
+            else:
+                self.port = server.add_secure_port(config.address, credentials)
         except RuntimeError:  # lost a race with another process since the check
             raise BindError(f"cannot listen on {config.address}: the address is in use or not available") from None
 
@@ -221,7 +225,8 @@ class Server:
         await health.publish()  # NOT_SERVING until started: the library's default is SERVING
         names = self._add_handlers(server, health)
         await server.start()
-        logger.info("serving app %s on %s: %s", app.name, self.display_address, ", ".join(names))
+        tls = " (mutual TLS)" if config.tls_client_ca_file else " (TLS)" if config.tls_cert_file else ""
+        logger.info("serving app %s on %s%s: %s", app.name, self.display_address, tls, ", ".join(names))
         if self._sidecar is not None:
             await asyncio.shield(self._sidecar)
         checks, check_log = app.readiness_checks, CheckLog()
@@ -399,6 +404,25 @@ class Server:
             since(),
             cancelled,
         )
+
+
+def _tls_credentials(config: Config) -> grpc.ServerCredentials | None:
+    """The server's TLS credentials from the PEM files the config names, or None for plaintext."""
+    if config.tls_cert_file is None or config.tls_key_file is None:
+        return None
+
+    def read(setting: str, path: str) -> bytes:
+        try:
+            with open(path, "rb") as file:
+                return file.read()
+        except OSError as exc:
+            where = f"{setting} ({env_name(setting)} / --{setting.replace('_', '-')})"
+            raise ConfigError(f"invalid setting {where}: cannot read {path}: {exc.strerror}") from None
+
+    cert = read("tls_cert_file", config.tls_cert_file)
+    pair = (read("tls_key_file", config.tls_key_file), cert)
+    ca = read("tls_client_ca_file", config.tls_client_ca_file) if config.tls_client_ca_file else None
+    return grpc.ssl_server_credentials([pair], root_certificates=ca, require_client_auth=ca is not None)
 
 
 def _watchdog(after: float, reason: str, abandoned: Callable[[], str]) -> None:

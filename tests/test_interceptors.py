@@ -1,0 +1,119 @@
+"""Third-party grpc.aio interceptors, unchanged, on the app's services (and not on health)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_interceptor.server import AsyncServerInterceptor
+
+import meshrpc
+from examples._generated.echo import echo_pb2, echo_pb2_grpc
+from meshrpc import testing
+from tests.apps import sync_echo
+from tests.apps.echo import Echo
+
+TOKEN = (("authorization", "Bearer s3cret"),)
+
+
+class TokenAuth(AsyncServerInterceptor):  # type: ignore[misc]
+    """An auth interceptor as grpc-interceptor's docs write one."""
+
+    def __init__(self) -> None:
+        self.methods: list[str] = []
+
+    async def intercept(self, method: Any, request_or_iterator: Any, context: Any, method_name: str) -> Any:
+        self.methods.append(method_name)
+        if dict(context.invocation_metadata()).get("authorization") != "Bearer s3cret":
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "no token")
+        response = method(request_or_iterator, context)
+        if hasattr(response, "__aiter__"):
+            return response
+        return await response
+
+
+async def texts(*values: str) -> AsyncIterator[echo_pb2.EchoRequest]:
+    for value in values:
+        yield echo_pb2.EchoRequest(text=value)
+
+
+async def call_all_kinds(channel: grpc.aio.Channel, metadata: Any) -> list[Any]:
+    stub = echo_pb2_grpc.EchoStub(channel)
+    results: list[Any] = []
+    calls = [
+        lambda: stub.Unary(echo_pb2.EchoRequest(text="u"), metadata=metadata),
+        lambda: _collect(stub.ServerStream(echo_pb2.EchoRequest(text="s", count=2), metadata=metadata)),
+        lambda: stub.ClientStream(texts("c1", "c2"), metadata=metadata),
+        lambda: _collect(stub.BidiStream(texts("b1", "b2"), metadata=metadata)),
+    ]
+    for call in calls:
+        try:
+            results.append(await call())
+        except grpc.aio.AioRpcError as exc:
+            results.append(exc.code())
+    return results
+
+
+async def _collect(stream: Any) -> list[str]:
+    return [reply.text async for reply in stream]
+
+
+@pytest.mark.parametrize("servicer", [Echo(), sync_echo.SyncEcho()], ids=["async", "def"])
+async def test_an_auth_interceptor_guards_all_four_kinds(servicer: Any) -> None:
+    auth = TokenAuth()
+    app = meshrpc.App("guarded", services=[servicer], interceptors=[auth])
+    async with testing.serve(app) as channel:
+        denied = await call_all_kinds(channel, None)
+        allowed = await call_all_kinds(channel, TOKEN)
+        health = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest())
+    assert denied == [grpc.StatusCode.UNAUTHENTICATED] * 4
+    unary, stream, client, bidi = allowed
+    assert unary.text == "u" and stream == ["s", "s"] and client.text == "c1,c2"
+    assert [t.lower() for t in bidi] == ["b1", "b2"]
+    assert health.status == health_pb2.HealthCheckResponse.SERVING  # no token, still answered
+    assert not any("Health" in m for m in auth.methods)
+
+
+async def test_interceptors_and_middleware_together() -> None:
+    order: list[str] = []
+
+    class Outer(AsyncServerInterceptor):  # type: ignore[misc]
+        async def intercept(self, method: Any, request: Any, context: Any, method_name: str) -> Any:
+            order.append("interceptor")
+            response = method(request, context)
+            return response if hasattr(response, "__aiter__") else await response
+
+    async def middleware(call: meshrpc.Call, call_next: meshrpc.CallNext) -> None:
+        order.append("middleware")
+        await call_next(call)
+
+    app = meshrpc.App("both", services=[Echo()], interceptors=[Outer()], middleware=[middleware])
+    async with testing.serve(app) as channel:
+        replies = await _collect(echo_pb2_grpc.EchoStub(channel).ServerStream(echo_pb2.EchoRequest(text="x", count=3)))
+    assert replies == ["x", "x", "x"] and order == ["interceptor", "middleware"]
+
+
+async def test_a_setting_puts_health_behind_the_interceptors_too() -> None:
+    app = meshrpc.App("strict", services=[Echo()], interceptors=[TokenAuth()], intercept_builtins=True)
+    async with testing.serve(app) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await health.Check(health_pb2.HealthCheckRequest())
+        ok = await health.Check(health_pb2.HealthCheckRequest(), metadata=TOKEN)
+    assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert ok.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_interceptors_are_checked_at_construction() -> None:
+    with pytest.raises(meshrpc.AppError, match="is a class: pass an instance"):
+        meshrpc.App("bad", services=[Echo()], interceptors=[TokenAuth])  # type: ignore[list-item]
+
+    class SyncOnly(grpc.ServerInterceptor):
+        def intercept_service(self, continuation: Any, details: Any) -> Any:
+            return continuation(details)
+
+    with pytest.raises(meshrpc.AppError, match=r"works with grpc\.server only"):
+        meshrpc.App("bad", services=[Echo()], interceptors=[SyncOnly()])  # type: ignore[list-item]
