@@ -56,6 +56,7 @@ def contenders(port: int) -> list[Contender]:
             [meshrpc, "serve", "examples.greeter.app:app", "--host", "127.0.0.1", "--port", str(port)],
             {"MESHRPC_MESH": "none", "MESHRPC_LOG_LEVEL": "warning"},
         ),
+        Contender("meshrpc + middleware", server("meshrpc-middleware")),
         Contender("meshrpc + tracing", server("meshrpc-traced")),
         Contender("raw + otel contrib", server("raw-otel-contrib")),
         Contender("grpclib", server("grpclib")),

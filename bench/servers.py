@@ -5,6 +5,7 @@
 raw               grpc.aio wired by hand with the greeter's own handlers (the ceiling)
 raw-otel-contrib  the same, with opentelemetry-instrumentation-grpc's aio server instrumentor
 meshrpc-traced    meshrpc with every RPC traced into a batch processor and a no-op exporter
+meshrpc-middleware  meshrpc with one no-op middleware (what the middleware chain costs)
 grpclib           grpclib with its own health and reflection services
 
 (meshrpc with defaults is run as a user runs it: ``meshrpc serve``.)
@@ -75,6 +76,18 @@ async def meshrpc_traced(port: int) -> None:
     await app.serve(config, install_signal_handlers=True)
 
 
+async def meshrpc_middleware(port: int) -> None:
+    import meshrpc
+    from examples.greeter.app import Greeter
+
+    async def nothing(call: meshrpc.Call, call_next: meshrpc.CallNext) -> None:
+        await call_next(call)
+
+    app = meshrpc.App("greeter", services=[Greeter()], middleware=[nothing])
+    config = app.config.replace(host="127.0.0.1", port=port, mesh="none", drain_delay=0.0, log_level="warning")
+    await app.serve(config, install_signal_handlers=True)
+
+
 async def grpclib_server(port: int) -> None:
     from grpclib.const import Cardinality, Handler
     from grpclib.health.service import Health
@@ -111,6 +124,7 @@ CONTENDERS = {
     "raw": raw,
     "raw-otel-contrib": raw_otel_contrib,
     "meshrpc-traced": meshrpc_traced,
+    "meshrpc-middleware": meshrpc_middleware,
     "grpclib": grpclib_server,
 }
 

@@ -23,7 +23,14 @@ def test_benchmark_runs_every_contender() -> None:
         if line.startswith("| ") and "contender" not in line
     ]
     names = [row[0] for row in rows]
-    contenders = ["raw grpc.aio", "meshrpc (defaults)", "meshrpc + tracing", "raw + otel contrib", "grpclib"]
+    contenders = [
+        "raw grpc.aio",
+        "meshrpc (defaults)",
+        "meshrpc + middleware",
+        "meshrpc + tracing",
+        "raw + otel contrib",
+        "grpclib",
+    ]
     assert names == contenders * 2  # both workloads, every contender
     assert all(row[2] == "1.000" for row in rows if row[0] == "raw grpc.aio")  # the baseline's own ratio
     assert all(float(row[1]) > 0 for row in rows)

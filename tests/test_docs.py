@@ -46,3 +46,40 @@ def test_readme_app_and_testing_page_pass_in_a_fresh_project(tmp_path: Path) -> 
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "1 passed" in result.stdout
+
+
+async def test_middleware_page_examples_work(tmp_path: Path) -> None:
+    import importlib.util
+
+    import grpc
+    import pytest
+
+    import meshrpc
+    from examples._generated.helloworld import helloworld_pb2, helloworld_pb2_grpc
+    from examples.greeter.app import Greeter
+    from meshrpc import testing
+
+    (source,) = [
+        b for b in blocks(ROOT / "docs" / "middleware.md", "python") if b.startswith("# middleware_examples.py")
+    ]
+    (tmp_path / "middleware_examples.py").write_text(source)
+    spec = importlib.util.spec_from_file_location("middleware_examples", tmp_path / "middleware_examples.py")
+    assert spec is not None and spec.loader is not None
+    examples = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(examples)
+
+    timing = examples.Timing()
+    app = meshrpc.App("greeter", services=[Greeter()], middleware=[timing, examples.auth, examples.tenant])
+    request = helloworld_pb2.HelloRequest(name="doc")
+    async with testing.serve(app) as channel:
+        stub = helloworld_pb2_grpc.GreeterStub(channel)
+        with pytest.raises(grpc.aio.AioRpcError) as no_token:
+            await stub.SayHello(request)
+        with pytest.raises(grpc.aio.AioRpcError) as no_tenant:
+            await stub.SayHello(request, metadata=(("authorization", "Bearer s3cret"),))
+        ok = await stub.SayHello(request, metadata=(("authorization", "Bearer s3cret"), ("x-tenant", "acme")))
+    assert no_token.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert no_tenant.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert ok.message == "Hello, doc!"
+    path = "/helloworld.Greeter/SayHello"
+    assert timing.seen == [(path, "UNAUTHENTICATED"), (path, "INVALID_ARGUMENT"), (path, "OK")]

@@ -133,3 +133,46 @@ def test_a_sync_call_in_flight_across_sigterm_completes() -> None:
 def test_thread_pool_size_is_validated() -> None:
     with pytest.raises(meshrpc.ConfigError, match="thread_pool_size"):
         meshrpc.Config(thread_pool_size=0)
+
+
+def _outcomes(target: str) -> list[object]:
+    """What a client sees from a set of calls, errors included, as comparable values."""
+    seen: list[object] = []
+    with grpc.insecure_channel(target) as channel:
+        stub = echo_pb2_grpc.EchoStub(channel)
+        calls = [
+            lambda: stub.Unary(echo_pb2.EchoRequest(text="hi")).text,
+            lambda: stub.Unary(echo_pb2.EchoRequest(fail="abort")),
+            lambda: stub.Unary(echo_pb2.EchoRequest(fail="set-code")),
+            lambda: [r.index for r in stub.ServerStream(echo_pb2.EchoRequest(count=3))],
+            lambda: [r.index for r in stub.ServerStream(echo_pb2.EchoRequest(count=1, fail="abort"))],
+            lambda: stub.ClientStream(iter([echo_pb2.EchoRequest(text=t) for t in "abc"])).text,
+            lambda: [r.text for r in stub.BidiStream(iter([echo_pb2.EchoRequest(text=t) for t in "xy"]))],
+        ]
+        for call in calls:
+            try:
+                seen.append(call())
+            except grpc.RpcError as exc:
+                seen.append((exc.code(), exc.details()))  # type: ignore[attr-defined]
+    return seen
+
+
+def test_the_servicer_answers_as_it_did_on_grpc_server() -> None:
+    """The same unchanged servicer on a plain grpc.server and on meshrpc: the clients see the same."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tests.helpers import free_port
+
+    plain = grpc.server(ThreadPoolExecutor(max_workers=4))
+    echo_pb2_grpc.add_EchoServicer_to_server(sync_echo.SyncEcho(), plain)
+    port = plain.add_insecure_port(f"127.0.0.1:{free_port()}")
+    plain.start()
+    try:
+        expected = _outcomes(f"127.0.0.1:{port}")
+    finally:
+        plain.stop(0)
+    with Served("tests.apps.sync_echo:app") as served:
+        served.wait_serving()
+        got = _outcomes(served.target)
+    assert got == expected
+    assert expected[1] == (grpc.StatusCode.NOT_FOUND, "no such thing")  # the comparison is not of empty lists

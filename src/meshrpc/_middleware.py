@@ -136,7 +136,7 @@ def skip_middleware(*which: Any) -> Any:
         return which[0]
 
     def mark(fn: F) -> F:
-        setattr(fn, _SKIP, frozenset(id(m) for m in which))
+        setattr(fn, _SKIP, which)
         return fn
 
     return mark
@@ -156,15 +156,15 @@ def applicable(spec: MethodSpec, middleware: tuple[Middleware, ...]) -> tuple[Mi
     skip = getattr(getattr(impl, "__func__", impl), _SKIP, ())
     if skip is None:
         return ()
-    return tuple(m for m in middleware if id(m) not in skip)
+    return tuple(m for m in middleware if not any(m is skipped for skipped in skip))
 
 
 def check_middleware(middleware: Iterable[Any]) -> tuple[Middleware, ...]:
     """Validate ``App(middleware=...)`` once, at construction."""
     checked = []
     for item in middleware:
-        target = item if inspect.isfunction(item) or inspect.ismethod(item) else getattr(item, "__call__", None)  # noqa: B004
-        if target is None or not inspect.iscoroutinefunction(target):
+        # A function, a bound method, a functools.partial of one, or an object with an async __call__.
+        if not (inspect.iscoroutinefunction(item) or inspect.iscoroutinefunction(getattr(item, "__call__", None))):  # noqa: B004
             raise AppError(
                 f"middleware {item!r} must be an 'async def' callable taking (call, call_next), "
                 "or an object whose __call__ is one"
