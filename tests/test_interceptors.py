@@ -124,3 +124,27 @@ def test_interceptors_are_checked_at_construction() -> None:
 
     with pytest.raises(meshrpc.AppError, match=r"works with grpc\.server only"):
         meshrpc.App("bad", services=[Echo()], interceptors=[SyncOnly()])  # type: ignore[list-item]
+
+
+@pytest.mark.parametrize("servicer", [Echo(), sync_echo.SyncEcho()], ids=["async", "def"])
+async def test_opentelemetry_s_interceptor_traces_all_four_kinds_behind_middleware(servicer: Any) -> None:
+    """OpenTelemetry contrib's aio interceptor iterates streaming handlers with `async for`."""
+    from opentelemetry.instrumentation.grpc import aio_server_interceptor
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+
+    async def passthrough(call: meshrpc.Call, call_next: meshrpc.CallNext) -> None:
+        await call_next(call)
+
+    interceptor = aio_server_interceptor(tracer_provider=provider)
+    app = meshrpc.App("traced", services=[servicer], interceptors=[interceptor], middleware=[passthrough])
+    async with testing.running(app) as server:
+        results = await asyncio.to_thread(call_all_kinds, server.target, None)
+    assert results == ["u", ["s", "s"], "c1,c2", ["c1", "c2"]]
+    names = sorted(span.name for span in exporter.get_finished_spans())
+    assert names == ["/echo.Echo/BidiStream", "/echo.Echo/ClientStream", "/echo.Echo/ServerStream", "/echo.Echo/Unary"]

@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import inspect
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import Any, Protocol, TypeVar
 
 import grpc
@@ -240,9 +240,8 @@ def _innermost(spec: MethodSpec, impl: Handler) -> Callable[[Call], Awaitable[No
 def compose(spec: MethodSpec, middleware: tuple[Middleware, ...], impl: Handler) -> Handler:
     """``impl`` behind ``middleware`` (first in the list runs first), as a grpc.aio behaviour.
 
-    The result is a coroutine function for every kind: server-streaming replies are
-    written with ``context.write`` inside the chain, so middleware runs around the
-    whole stream.
+    Server-streaming replies are written with ``context.write`` inside the chain, so
+    middleware runs around the whole stream and nothing re-yields each message.
     """
     rest: Any = _Next(None, _innermost(spec, impl))
     for item in reversed(middleware[1:]):
@@ -258,4 +257,15 @@ def compose(spec: MethodSpec, middleware: tuple[Middleware, ...], impl: Handler)
         await first(call, rest)
         return call._reply
 
-    return handle
+    if spec.kind in (RpcKind.UNARY_UNARY, RpcKind.STREAM_UNARY):
+        return handle
+
+    # Server streams keep the shape generated code has, an async generator, because
+    # interceptors (OpenTelemetry's among them) iterate a streaming handler with
+    # `async for`.  It yields nothing: the replies were written inside the chain.
+    async def handle_stream(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
+        await handle(request, context)
+        return
+        yield
+
+    return handle_stream
