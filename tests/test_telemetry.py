@@ -177,15 +177,20 @@ async def test_duration_and_in_flight_metrics(otel: Otel) -> None:
             await stub.Unary(echo_pb2.EchoRequest(text="x"))
         with pytest.raises(grpc.aio.AioRpcError):
             await stub.Unary(echo_pb2.EchoRequest(fail="UNAVAILABLE"))
+        slow = asyncio.ensure_future(stub.Unary(echo_pb2.EchoRequest(sleep=0.5)))
+        await asyncio.sleep(0.2)
+        during = {p.attributes["rpc.method"]: p.value for p in otel.points("rpc.server.active_requests")}
+        await slow
     durations = {
         (p.attributes["rpc.method"], p.attributes["rpc.grpc.status_code"]): p.count
         for p in otel.points("rpc.server.duration")
     }
-    assert durations == {("Unary", 0): 3, ("Unary", grpc.StatusCode.UNAVAILABLE.value[0]): 1}
+    assert durations == {("Unary", 0): 4, ("Unary", grpc.StatusCode.UNAVAILABLE.value[0]): 1}
     point = next(p for p in otel.points("rpc.server.duration") if p.attributes["rpc.grpc.status_code"] == 0)
     assert point.attributes["rpc.system"] == "grpc" and point.attributes["rpc.service"] == "echo.Echo"
-    (active,) = otel.points("rpc.server.active_requests")
-    assert active.value == 0  # back to zero once everything finished
+    assert during["Unary"] == 1 and during["ServerStream"] == 0  # one per method, read when collected
+    after = {p.attributes["rpc.method"]: p.value for p in otel.points("rpc.server.active_requests")}
+    assert set(after.values()) == {0}  # back to zero once everything finished
 
 
 class Front(helloworld_pb2_grpc.GreeterServicer):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 
 import grpc
@@ -35,7 +34,6 @@ class Greeter(helloworld_pb2_grpc.GreeterServicer, meshrpc.Service):
             if self.draining.is_set():
                 return
             yield helloworld_pb2.HelloReply(message=f"Hello, {request.name}! ({i + 1}/{count})")
-            await asyncio.sleep(0)
 
 
 app = meshrpc.App("greeter", services=[Greeter()])

@@ -151,7 +151,10 @@ def _wrap(spec: MethodSpec, impl: Handler, inflight: InFlight) -> Handler:
         return request if kind is RpcKind.UNARY_STREAM else _checked(request, context)
 
     if inspect.isasyncgenfunction(impl):
-
+        # The user's generator is driven here and each reply written with
+        # context.write, rather than re-yielded to grpc through a second generator:
+        # that layer cost about 4 µs per message.  The wrapper stays an async
+        # generator (yielding nothing), the shape interceptors expect of a stream.
         async def streaming(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
             enter(context)
             if request.__class__ is _Malformed:
@@ -159,12 +162,13 @@ def _wrap(spec: MethodSpec, impl: Handler, inflight: InFlight) -> Handler:
             if inflight.count >= inflight.limit:
                 await _over_limit(context, inflight)
             inflight.count += 1
+            write = context.write
             try:
                 async for reply in impl(first_arg(request, context), context):
                     if reply.__class__ is not reply_class and not isinstance(reply, reply_class):
                         await wrong_reply(context, spec, reply)
-                    yield reply
-            except (abort_error, GeneratorExit):  # GeneratorExit: grpc closed the stream
+                    await write(reply)
+            except abort_error:
                 raise
             except cancelled_error:
                 inflight.cancelled += 1
@@ -173,6 +177,8 @@ def _wrap(spec: MethodSpec, impl: Handler, inflight: InFlight) -> Handler:
                 await fail(context, spec, exc)
             finally:
                 inflight.count -= 1
+            return
+            yield
 
         return streaming
 
