@@ -6,6 +6,8 @@ raw               grpc.aio wired by hand with the greeter's own handlers (the ce
 raw-otel-contrib  the same, with opentelemetry-instrumentation-grpc's aio server instrumentor
 meshrpc-traced    meshrpc with every RPC traced into a batch processor and a no-op exporter
 meshrpc-middleware  meshrpc with one no-op middleware (what the middleware chain costs)
+meshrpc-production  meshrpc as a cluster runs it: metrics always on (periodic reader), traces
+                  sampled ParentBased(TraceIdRatio 0.1), a JSON access log sampled at 1 %
 grpclib           grpclib with its own health and reflection services
 
 (meshrpc with defaults is run as a user runs it: ``meshrpc serve``.)
@@ -38,6 +40,36 @@ def tracing_sdk() -> None:
     provider = TracerProvider(sampler=ALWAYS_ON)
     provider.add_span_processor(BatchSpanProcessor(NoOpExporter()))
     trace.set_tracer_provider(provider)
+
+
+def production_sdk() -> None:
+    """Metrics with a periodic reader, 10 % of new traces, both exported to nowhere."""
+    from opentelemetry import metrics, trace
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import MetricExporter, MetricExportResult, PeriodicExportingMetricReader
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
+    from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
+
+    class NoOpSpans(SpanExporter):
+        def export(self, spans: Sequence[Any]) -> SpanExportResult:
+            return SpanExportResult.SUCCESS
+
+    class NoOpMetrics(MetricExporter):
+        def export(self, metrics_data: Any, timeout_millis: float = 10_000, **kwargs: Any) -> MetricExportResult:
+            return MetricExportResult.SUCCESS
+
+        def force_flush(self, timeout_millis: float = 10_000) -> bool:
+            return True
+
+        def shutdown(self, timeout_millis: float = 30_000, **kwargs: Any) -> None:
+            pass
+
+    provider = TracerProvider(sampler=ParentBased(TraceIdRatioBased(0.1)))
+    provider.add_span_processor(BatchSpanProcessor(NoOpSpans()))
+    trace.set_tracer_provider(provider)
+    reader = PeriodicExportingMetricReader(NoOpMetrics(), export_interval_millis=10_000)
+    metrics.set_meter_provider(MeterProvider(metric_readers=[reader]))
 
 
 async def until_sigterm() -> None:
@@ -73,6 +105,31 @@ async def meshrpc_traced(port: int) -> None:
     tracing_sdk()
     # As `meshrpc serve` runs it: meshrpc owns the loop and handles SIGTERM.
     config = app.config.replace(host="127.0.0.1", port=port, mesh="none", drain_delay=0.0, log_level="warning")
+    await app.serve(config, install_signal_handlers=True)
+
+
+def log_to_devnull() -> None:
+    """The access log is written, as a cluster collects it from stderr; here to /dev/null."""
+    import logging
+    import os
+
+    logging.basicConfig(level=logging.INFO, stream=open(os.devnull, "w"))  # noqa: SIM115
+
+
+async def meshrpc_production(port: int) -> None:
+    from examples.greeter.app import app
+
+    production_sdk()
+    log_to_devnull()
+    config = app.config.replace(
+        host="127.0.0.1",
+        port=port,
+        mesh="none",
+        drain_delay=0.0,
+        log_level="info",
+        access_log="json",
+        access_log_sample_rate=0.01,
+    )
     await app.serve(config, install_signal_handlers=True)
 
 
@@ -125,6 +182,7 @@ CONTENDERS = {
     "raw-otel-contrib": raw_otel_contrib,
     "meshrpc-traced": meshrpc_traced,
     "meshrpc-middleware": meshrpc_middleware,
+    "meshrpc-production": meshrpc_production,
     "grpclib": grpclib_server,
 }
 

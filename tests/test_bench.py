@@ -28,9 +28,12 @@ def test_benchmark_runs_every_contender() -> None:
         "meshrpc (defaults)",
         "meshrpc + middleware",
         "meshrpc + tracing",
+        "meshrpc production",
         "raw + otel contrib",
         "grpclib",
     ]
     assert names == contenders * 2  # both workloads, every contender
     assert all(row[2] == "1.000" for row in rows if row[0] == "raw grpc.aio")  # the baseline's own ratio
     assert all(float(row[1]) > 0 for row in rows)
+    assert all(float(row[5]) > 10 for row in rows)  # each server's resident memory, in MB
+    assert result.stdout.count("the OpenTelemetry SDK's own floor") == 2
