@@ -190,11 +190,16 @@ def run_round(contender: Contender, workload: Workload, body_file: str, args: ar
             raise SystemExit(f"h2load did not complete every request for {contender.name}:\n{out}")
         return Result(float(rps.group(1)), used / args.requests * 1e6, rss_mb(server.pid))
     finally:
-        server.send_signal(signal.SIGTERM)
-        try:
-            server.wait(10)
-        except subprocess.TimeoutExpired:
-            server.kill()
+        stop(server)
+
+
+def stop(server: subprocess.Popen[bytes]) -> None:
+    """SIGTERM, as Kubernetes stops a pod; SIGKILL if the server is still there after 10 s."""
+    server.send_signal(signal.SIGTERM)
+    try:
+        server.wait(10)
+    except subprocess.TimeoutExpired:
+        server.kill()
 
 
 def sdk_floor(iterations: int = 20_000) -> float:

@@ -4,6 +4,9 @@
 
 raw               grpc.aio wired by hand with the greeter's own handlers (the ceiling)
 raw-otel-contrib  the same, with opentelemetry-instrumentation-grpc's aio server instrumentor
+raw-sdk-floor     raw grpc.aio whose handlers do, inline, the least tracing work (the SDK's floor
+                  under load); raw-production-floor: the same with the production profile's SDK
+                  and a duration histogram
 meshrpc-traced    meshrpc with every RPC traced into a batch processor and a no-op exporter
 meshrpc-middleware  meshrpc with one no-op middleware (what the middleware chain costs)
 meshrpc-production  meshrpc as a cluster runs it: metrics always on (periodic reader), traces
@@ -89,6 +92,76 @@ async def raw(port: int) -> None:
     await server.start()
     await until_sigterm()
     await server.stop(0)
+
+
+def floor_servicer(production: bool) -> Any:
+    """The greeter with the least any server-side OpenTelemetry must do per RPC, written inline.
+
+    Extract the incoming trace context, start a SERVER span with the RPC attributes, end
+    it with the status code; for the production profile also record the duration
+    histogram.  No framework, no interceptor: the SDK's own cost under the same load.
+    """
+    import time
+
+    from opentelemetry import metrics, propagate, trace
+
+    from examples.greeter.app import Greeter
+
+    tracer = trace.get_tracer("floor")
+    duration = metrics.get_meter("floor").create_histogram("rpc.server.duration", unit="ms") if production else None
+    base = {"rpc.system": "grpc", "rpc.service": "helloworld.Greeter", "server.address": "127.0.0.1"}
+    metric_attrs = {**base, "rpc.grpc.status_code": 0}
+
+    def start(context: Any, method: str) -> Any:
+        carrier = {k: v for k, v in context.invocation_metadata() or () if isinstance(v, str)}
+        host, _, port_text = context.peer().rpartition(":")
+        attributes = {**base, "rpc.method": method, "client.address": host, "client.port": int(port_text)}
+        return tracer.start_span(
+            f"helloworld.Greeter/{method}",
+            context=propagate.extract(carrier),
+            kind=trace.SpanKind.SERVER,
+            attributes=attributes,
+        )
+
+    def end(span: Any, started: float, method: str) -> None:
+        span.set_attribute("rpc.grpc.status_code", 0)
+        span.end()
+        if duration is not None:
+            duration.record((time.perf_counter() - started) * 1000, {**metric_attrs, "rpc.method": method})
+
+    class FloorGreeter(Greeter):
+        async def SayHello(self, request: Any, context: Any) -> Any:
+            started, span = time.perf_counter(), start(context, "SayHello")
+            reply = await super().SayHello(request, context)
+            end(span, started, "SayHello")
+            return reply
+
+        async def SayHelloStream(self, request: Any, context: Any) -> Any:
+            started, span = time.perf_counter(), start(context, "SayHelloStream")
+            async for reply in super().SayHelloStream(request, context):
+                yield reply
+            end(span, started, "SayHelloStream")
+
+    return FloorGreeter()
+
+
+async def raw_with(port: int, servicer: Any) -> None:
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    helloworld_pb2_grpc.add_GreeterServicer_to_server(servicer, server)
+    server.add_insecure_port(f"127.0.0.1:{port}")
+    await server.start()
+    await until_sigterm()
+    await server.stop(0)
+
+
+async def raw_sdk_floor(port: int) -> None:
+    tracing_sdk()
+    await raw_with(port, floor_servicer(production=False))
+
+
+async def raw_production_floor(port: int) -> None:
+    production_sdk()
+    await raw_with(port, floor_servicer(production=True))
 
 
 async def raw_otel_contrib(port: int) -> None:
@@ -180,6 +253,8 @@ async def grpclib_server(port: int) -> None:
 CONTENDERS = {
     "raw": raw,
     "raw-otel-contrib": raw_otel_contrib,
+    "raw-sdk-floor": raw_sdk_floor,
+    "raw-production-floor": raw_production_floor,
     "meshrpc-traced": meshrpc_traced,
     "meshrpc-middleware": meshrpc_middleware,
     "meshrpc-production": meshrpc_production,

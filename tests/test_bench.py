@@ -37,3 +37,17 @@ def test_benchmark_runs_every_contender() -> None:
     assert all(float(row[1]) > 0 for row in rows)
     assert all(float(row[5]) > 10 for row in rows)  # each server's resident memory, in MB
     assert result.stdout.count("the OpenTelemetry SDK's own floor") == 2
+
+
+def test_layer_and_soak_scripts_run() -> None:
+    layer = subprocess.run(
+        [sys.executable, "bench/layer.py", "--calls", "300"], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert layer.returncode == 0, layer.stderr
+    assert "per message" in layer.stdout and "production profile" in layer.stdout
+    soak = subprocess.run(
+        [sys.executable, "bench/soak.py", "--rpcs", "2000"], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+    assert soak.returncode == 0, soak.stdout + soak.stderr
+    rows = [line for line in soak.stdout.splitlines() if line.startswith("| raw") or line.startswith("| meshrpc")]
+    assert len(rows) == 2  # a line per server, with its three readings

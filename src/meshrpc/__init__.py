@@ -35,7 +35,7 @@ from ._errors import (
 from ._mesh import SidecarNotReady, quit_sidecar, wait_for_sidecar
 from ._middleware import Call, CallNext, Middleware, current_call, skip_middleware
 from ._outbound import OutboundInterceptor, outgoing_metadata
-from ._routing import RouteOptions, route
+from ._route_options import RouteOptions, route
 from ._service import Service
 from ._telemetry import TraceContextFilter
 from ._version import __version__

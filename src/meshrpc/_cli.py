@@ -93,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     health.add_argument("--service", default="", help="health name to check ('' = the server's readiness)")
     health.add_argument("--timeout", type=float, default=2.0, help="seconds to wait for the answer (default 2)")
 
-    from ._routes_cli import add_routes_command
+    from ._manifests.cli import add_routes_command
 
     add_routes_command(commands)
     return parser
@@ -165,9 +165,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _serve(ns, args)
         if ns.command == "health":
             return _health(ns)
-        from ._routes_cli import run_routes
+        from ._manifests.cli import run_routes
 
-        return run_routes(ns, _load)
+        routes_argv = args[args.index("routes") + 1 :]
+        return run_routes(ns, _load, routes_argv, lambda recorded: _parse(["routes", *recorded]))
     except MeshrpcError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 1

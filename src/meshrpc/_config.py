@@ -99,6 +99,10 @@ class Config:
     telemetry: bool = _setting(
         True, "Trace and measure every RPC when an OpenTelemetry SDK is configured (free when none is)."
     )
+    metrics_port: int | None = _setting(
+        None,
+        "Serve Prometheus metrics at http://HOST:PORT/metrics (needs the 'metrics' extra). Unset: off.",
+    )
     otel_sdk: bool = _setting(False, "Set up the OpenTelemetry SDK from the OTEL_* variables (needs the 'otel' extra).")
     access_log: str = _setting("off", "One log line per RPC: off, text or json.")
     access_log_sample_rate: float = _setting(1.0, "Fraction of RPCs the access log writes (0..1).")
@@ -113,6 +117,13 @@ class Config:
         for name in ("max_receive_message_size", "max_send_message_size"):
             value = getattr(self, name)
             _require(value > 0, name, f"must be a positive number of bytes, got {value}")
+        if self.metrics_port is not None:
+            _require(0 <= self.metrics_port <= 65535, "metrics_port", f"must be 0..65535, got {self.metrics_port}")
+            _require(
+                self.metrics_port == 0 or self.metrics_port != self.port,
+                "metrics_port",
+                f"must differ from the gRPC port {self.port}",
+            )
         _require(
             (self.tls_cert_file is None) == (self.tls_key_file is None),
             "tls_cert_file",

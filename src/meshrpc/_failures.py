@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any
 
@@ -19,6 +20,26 @@ INTERNAL_DETAILS = "Internal server error"
 # down the loop under grpc's live server and the process died with SIGSEGV
 # (exit 139) before any drain or log.  Caught here, grpc never sees one.
 HANDLER_ERRORS = BaseException
+
+
+def final_code(context: grpc.aio.ServicerContext[Any, Any], exc: BaseException | None) -> grpc.StatusCode:
+    """The status an RPC ends with when its handler returned (``exc`` None) or raised ``exc``.
+
+    What :func:`fail` answers, seen from outside: middleware and telemetry report it.
+    """
+    if exc is None:
+        code = context.code()
+        return code if isinstance(code, grpc.StatusCode) else grpc.StatusCode.OK
+    if isinstance(exc, StatusError):
+        return exc.code
+    if isinstance(exc, grpc.aio.AbortError):
+        code = context.code()
+        return code if isinstance(code, grpc.StatusCode) else grpc.StatusCode.UNKNOWN
+    if isinstance(exc, asyncio.CancelledError):
+        remaining = context.time_remaining()
+        expired = remaining is not None and remaining <= 0
+        return grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
+    return grpc.StatusCode.INTERNAL
 
 
 async def fail(context: grpc.aio.ServicerContext[Any, Any], spec: MethodSpec, exc: BaseException) -> None:

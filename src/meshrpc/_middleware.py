@@ -16,7 +16,6 @@ per middleware, nothing per streamed message.
 
 from __future__ import annotations
 
-import asyncio
 import contextvars
 import inspect
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
@@ -26,8 +25,8 @@ import grpc
 
 from . import _mesh
 from ._caller import Caller, caller_of
-from ._errors import AppError, StatusError
-from ._failures import wrong_reply
+from ._errors import AppError
+from ._failures import final_code, wrong_reply
 from ._rpc_context import text_metadata
 from ._service import MethodSpec, RpcKind
 
@@ -173,18 +172,6 @@ def check_middleware(middleware: Iterable[Any]) -> tuple[Middleware, ...]:
     return tuple(checked)
 
 
-def _code_of(exc: BaseException, context: grpc.aio.ServicerContext[Any, Any]) -> grpc.StatusCode:
-    """The status an RPC ends with when ``exc`` leaves the handler (see _handlers._fail)."""
-    if isinstance(exc, StatusError):
-        return exc.code
-    if isinstance(exc, grpc.aio.AbortError):
-        code = context.code()
-        return code if isinstance(code, grpc.StatusCode) else grpc.StatusCode.UNKNOWN
-    if isinstance(exc, asyncio.CancelledError):
-        return grpc.StatusCode.CANCELLED
-    return grpc.StatusCode.INTERNAL
-
-
 class _Next:
     """``call_next`` for one place in the chain: runs the rest and records how it ended."""
 
@@ -202,10 +189,9 @@ class _Next:
                 await self.middleware(call, self.rest)
         except BaseException as exc:
             call.exception = exc
-            call.code = _code_of(exc, call.context)
+            call.code = final_code(call.context, exc)
             raise
-        code = call.context.code()
-        call.code = code if isinstance(code, grpc.StatusCode) else grpc.StatusCode.OK
+        call.code = final_code(call.context, None)
         call.exception = None
 
 

@@ -9,7 +9,7 @@ OpenTelemetry distro does.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from ._errors import ConfigError
@@ -33,8 +33,14 @@ def _exporters(group: str, names: str) -> list[Any]:
     return found
 
 
-def configure_sdk(service_name: str, environ: Mapping[str, str]) -> Callable[[], None]:
-    """Install tracer and meter providers; return the function that flushes and shuts them down."""
+def configure_sdk(
+    service_name: str, environ: Mapping[str, str], extra_readers: Sequence[Any] = ()
+) -> Callable[[], None]:
+    """Install tracer and meter providers; return the function that flushes and shuts them down.
+
+    ``extra_readers`` join the OTLP ones on the one MeterProvider (the Prometheus reader
+    of ``metrics_port``): the SDK cannot add a reader to a provider once it exists.
+    """
     try:
         from opentelemetry import metrics, trace
         from opentelemetry.sdk.metrics import MeterProvider
@@ -55,7 +61,7 @@ def configure_sdk(service_name: str, environ: Mapping[str, str]) -> Callable[[],
         PeriodicExportingMetricReader(exporter)
         for exporter in _exporters("opentelemetry_metrics_exporter", environ.get("OTEL_METRICS_EXPORTER", "otlp"))
     ]
-    meter_provider = MeterProvider(resource=resource, metric_readers=readers)
+    meter_provider = MeterProvider(resource=resource, metric_readers=[*readers, *extra_readers])
     trace.set_tracer_provider(tracer_provider)
     metrics.set_meter_provider(meter_provider)
     logger.info("OpenTelemetry SDK set up for service %s", resource.attributes.get(SERVICE_NAME))

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 
-from . import _mesh
+from . import _mesh, _metrics
 from ._bind import check_bindable
 from ._config import Config, env_name
 from ._errors import AppError, BindError, ConfigError
@@ -73,6 +73,7 @@ class Server:
         self._inflight = InFlight(config.max_concurrent_rpcs)
         self._owns_process = False
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self._metrics_endpoint: _metrics.MetricsEndpoint | None = None
         self.phase = "starting"
 
     @property
@@ -162,6 +163,8 @@ class Server:
                 await self._drain()
             finally:
                 await self._cleanup()
+                if self._metrics_endpoint is not None:  # scraped through the drain, until the end
+                    self._metrics_endpoint.close()
         logger.info("shutdown complete, exit code %d", self.exit_code)
         return self.exit_code
 
@@ -208,9 +211,7 @@ class Server:
         except RuntimeError:  # lost a race with another process since the check
             raise BindError(f"cannot listen on {config.address}: the address is in use or not available") from None
 
-        if config.otel_sdk:
-            # OTEL_* are the SDK's own standard variables; the SDK reads some of them itself.
-            self._otel_shutdown = configure_sdk(app.name, os.environ)
+        self._setup_telemetry()
 
         if app.lifespan is not None:
             lifespan = app.lifespan(app)
@@ -243,6 +244,28 @@ class Server:
                     check_log,
                 )
             )
+
+    def _setup_telemetry(self) -> None:
+        """The OpenTelemetry SDK (otel_sdk) and /metrics (metrics_port), before any handler is built."""
+        config, app = self.config, self.app
+        reader = _metrics.prometheus_reader() if config.metrics_port is not None else None
+        if config.otel_sdk:
+            # OTEL_* are the SDK's own standard variables; the SDK reads some of them itself.
+            self._otel_shutdown = configure_sdk(app.name, os.environ, [reader] if reader is not None else [])
+        elif reader is not None:
+            if sdk_configured()[1]:
+                logger.warning(
+                    "metrics_port: a MeterProvider is installed already and meshrpc cannot add a reader to it; "
+                    "/metrics shows the process metrics, and the RPC metrics only if that provider has a "
+                    "PrometheusMetricReader"
+                )
+            else:
+                self._otel_shutdown = _metrics.install_meter_provider(app.name, reader)
+        if config.metrics_port is not None:
+            host = config.host.strip("[]")
+            self._metrics_endpoint = _metrics.MetricsEndpoint(host, config.metrics_port)
+            shown = "127.0.0.1" if host in ("::", "0.0.0.0") else config.host
+            logger.info("metrics on http://%s:%d/metrics", shown, self._metrics_endpoint.port)
 
     def _task(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         task = asyncio.ensure_future(coro)

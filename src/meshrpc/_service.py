@@ -17,7 +17,7 @@ from ._errors import AppError
 
 if TYPE_CHECKING:
     from ._app import App
-    from ._routing import RouteOptions
+    from ._route_options import RouteOptions
 
 
 class RpcKind(enum.Enum):
@@ -135,7 +135,7 @@ def _check_impl(cls: type, name: str, fn: Any, kind: RpcKind) -> None:
 
 def describe(servicer: object) -> list[ServiceSpec]:
     """Read the services ``servicer`` implements from its generated base classes."""
-    from ._routing import route_options  # the routing options live with the routes
+    from ._route_options import route_options  # the routing options live with the routes
 
     if isinstance(servicer, type):
         raise AppError(f"{servicer.__name__} is a class: pass an instance, e.g. services=[{servicer.__name__}()]")

@@ -28,6 +28,7 @@ from opentelemetry.propagators.textmap import Getter
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from ._errors import StatusError
+from ._failures import final_code
 from ._rpc_context import incoming_metadata, text_metadata
 from ._service import MethodSpec, RpcKind
 from ._version import __version__
@@ -130,22 +131,6 @@ def _peer_address(peer: str) -> tuple[str, int | None]:
     return rest or peer, None
 
 
-def _final_code(context: grpc.aio.ServicerContext[Any, Any], exc: BaseException | None) -> grpc.StatusCode:
-    if exc is None:
-        code = context.code()
-        return code if isinstance(code, grpc.StatusCode) else grpc.StatusCode.OK
-    if isinstance(exc, StatusError):
-        return exc.code
-    if isinstance(exc, grpc.aio.AbortError):
-        code = context.code()
-        return code if isinstance(code, grpc.StatusCode) else grpc.StatusCode.UNKNOWN
-    if isinstance(exc, asyncio.CancelledError):
-        remaining = context.time_remaining()
-        expired = remaining is not None and remaining <= 0
-        return grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
-    return grpc.StatusCode.INTERNAL
-
-
 class _Observation:
     """One RPC's telemetry: started before the handler, finished after it."""
 
@@ -160,16 +145,18 @@ class _Observation:
         self.sent = 0
         self.span: trace.Span | None = None
         if tools.tracer is not None:
-            metadata = text_metadata(context)
             # Extract only when a propagator's header came in: most of the cost otherwise.
-            parent = propagate.extract(metadata, getter=_GETTER) if not tools.fields.isdisjoint(metadata) else None
-            host, port = _peer_address(context.peer() or "")
-            attributes = {**tools.attrs[spec.path], "client.address": host}
-            if port is not None:
-                attributes["client.port"] = port
+            parent = None
+            for key, _ in context.invocation_metadata() or ():
+                if key in tools.fields:
+                    parent = propagate.extract(text_metadata(context), getter=_GETTER)
+                    break
             # All attributes at start: one validation pass instead of one locked set per attribute.
             self.span = tools.tracer.start_span(
-                tools.span_names[spec.path], context=parent, kind=SpanKind.SERVER, attributes=attributes
+                tools.span_names[spec.path],
+                context=parent,
+                kind=SpanKind.SERVER,
+                attributes=tools.span_attributes(spec.path, context.peer() or ""),
             )
         if tools.instruments is not None:
             tools.instruments.active[spec.path] += 1
@@ -180,10 +167,10 @@ class _Observation:
         if self.token is not None:
             otel_context.detach(self.token)
         tools, spec = self.tools, self.spec
-        code = _final_code(self.context, exc)
+        code = final_code(self.context, exc)
         elapsed_ms = (time.perf_counter() - self.start) * 1000
         span = self.span
-        if span is not None:
+        if span is not None and span.is_recording():  # not for the ones the sampler dropped
             span.set_attribute("rpc.grpc.status_code", code.value[0])
             if code in ERROR_CODES:
                 if exc is not None and not isinstance(exc, (StatusError, grpc.aio.AbortError, asyncio.CancelledError)):
@@ -196,10 +183,11 @@ class _Observation:
             instruments.active[spec.path] -= 1
             attrs = instruments.attrs_for(spec.path, code)
             instruments.duration.record(elapsed_ms, attrs)
-            if spec.kind in (RpcKind.STREAM_UNARY, RpcKind.STREAM_STREAM):
-                instruments.requests_per_rpc.record(self.received, attrs)
-            if spec.kind in (RpcKind.UNARY_STREAM, RpcKind.STREAM_STREAM):
-                instruments.responses_per_rpc.record(self.sent, attrs)
+            if spec.kind is not RpcKind.UNARY_UNARY:
+                if spec.kind is not RpcKind.UNARY_STREAM:
+                    instruments.requests_per_rpc.record(self.received, attrs)
+                if spec.kind is not RpcKind.STREAM_UNARY:
+                    instruments.responses_per_rpc.record(self.sent, attrs)
         if tools.access_log != "off" and (tools.sample_rate >= 1.0 or random.random() < tools.sample_rate):
             self._access_log(code, elapsed_ms)
 
@@ -223,6 +211,8 @@ class _Observation:
 class _Tools:
     """Per-server telemetry objects, built once."""
 
+    PEER_CACHE = 4096  # (method, peer) attribute sets kept; peers repeat for a connection's life
+
     def __init__(self, telemetry: Telemetry, specs: list[MethodSpec]) -> None:
         self.tracer = trace.get_tracer("meshrpc", __version__) if telemetry.tracing else None
         self.fields = frozenset(propagate.get_global_textmap().fields)
@@ -242,6 +232,23 @@ class _Tools:
                 "server.port": telemetry.server_port,
             }
         self.instruments = _Instruments(self.metric_attrs) if telemetry.metrics else None
+        self._span_attrs: dict[tuple[str, str], dict[str, Any]] = {}
+
+    def span_attributes(self, path: str, peer: str) -> dict[str, Any]:
+        """A server span's attributes for ``path`` called from ``peer``, built once per pair.
+
+        The SDK copies what it is given, so one dict serves every span of a connection.
+        """
+        attributes = self._span_attrs.get((path, peer))
+        if attributes is None:
+            if len(self._span_attrs) >= self.PEER_CACHE:
+                self._span_attrs.clear()
+            host, port = _peer_address(peer)
+            attributes = {**self.attrs[path], "client.address": host}
+            if port is not None:
+                attributes["client.port"] = port
+            self._span_attrs[(path, peer)] = attributes
+        return attributes
 
 
 async def _counted(requests: AsyncIterator[Any], obs: _Observation) -> AsyncIterator[Any]:

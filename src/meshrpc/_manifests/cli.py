@@ -1,0 +1,270 @@
+"""The ``meshrpc routes`` command: options in, YAML out (stdout, a directory, or a check)."""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from .. import _config
+from .._app import App
+from . import manifests, notes, render
+from .options import DEFAULT_METRICS_PORT, RoutesError, RoutesOptions
+
+DESCRIPTION = """\
+Write the Kubernetes and Istio manifests for an app, from the services it registers and
+its own settings: ServiceAccount (the app's mesh identity), Deployment (gRPC probes on
+separate readiness and liveness names, a grace period that covers the drain, Prometheus
+annotations), Service (port 'grpc', appProtocol grpc), HorizontalPodAutoscaler, Gateway,
+VirtualService (one /package.Service/ prefix per service), DestinationRule,
+AuthorizationPolicy (the gateway and --allow-from callers, to the app's services only),
+PeerAuthentication (--mtls) and PodDisruptionBudget; or, with --api gateway-api, a
+Gateway API Gateway and GRPCRoute. The output is deterministic; its header records the
+options, so `--check FILE` alone makes it again. Invalid input is an error with nothing
+on stdout."""
+
+
+def add_routes_command(commands: Any) -> None:
+    p: argparse.ArgumentParser = commands.add_parser(
+        "routes",
+        help="write Kubernetes and Istio manifests for an app",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,
+    )
+    p.add_argument(
+        "app",
+        nargs="?",
+        metavar="MODULE:ATTR",
+        help="the meshrpc.App; default: $MESHRPC_APP, then [tool.meshrpc] app in ./pyproject.toml",
+    )
+    p.add_argument("--api", choices=["istio", "gateway-api"], default="istio", help="flavour (default istio)")
+    p.add_argument("--name", help="resource name (default: the app's name)")
+    p.add_argument("--namespace", default="default", help="namespace (default 'default')")
+    p.add_argument("--image", help="container image (default: a placeholder, with a warning)")
+    p.add_argument("--replicas", type=int, default=2, help="Deployment replicas (default 2)")
+    p.add_argument(
+        "--host",
+        action="append",
+        dest="hosts",
+        metavar="HOST",
+        help="host the gateway serves (repeatable; default '*')",
+    )
+    p.add_argument("--no-gateway", dest="gateway", action="store_false", help="do not write a Gateway (reference one)")
+    p.add_argument("--gateway-name", help="Gateway name (default NAME-gateway)")
+    p.add_argument("--gateway-namespace", help="namespace of the Gateway (default: the app's)")
+    p.add_argument(
+        "--gateway-selector",
+        action="append",
+        metavar="KEY=VALUE",
+        help="Istio Gateway pod selector (repeatable; default istio=ingressgateway)",
+    )
+    p.add_argument("--gateway-class", default="istio", help="gatewayClassName for --api gateway-api (default istio)")
+    p.add_argument("--gateway-port", type=int, help="gateway port (default 80, or 443 with --tls-secret)")
+    p.add_argument("--tls-secret", help="TLS credential (Secret) for the gateway: serves HTTPS")
+    p.add_argument(
+        "--mesh-routing", action="store_true", help="also route in-mesh calls (VirtualService 'mesh', GAMMA parentRef)"
+    )
+    p.add_argument("--headless", action="store_true", help="also write a headless Service for client-side balancing")
+    p.add_argument("--resources", help="comma-separated kinds to write (default: all of the flavour)")
+    security = p.add_argument_group("who may call (Istio security)")
+    security.add_argument(
+        "--allow-from",
+        action="append",
+        metavar="NAMESPACE[/SERVICEACCOUNT]",
+        help="an in-mesh caller the AuthorizationPolicy allows (repeatable; default: the gateway only)",
+    )
+    security.add_argument(
+        "--gateway-principal",
+        metavar="PRINCIPAL",
+        help="the gateway's identity (default: Istio's ingress gateway; NAME-gateway-CLASS with gateway-api)",
+    )
+    security.add_argument(
+        "--trust-domain", default="cluster.local", help="the mesh's trust domain (default cluster.local)"
+    )
+    security.add_argument("--mtls", choices=["strict", "permissive"], help="write a PeerAuthentication in this mode")
+    security.add_argument(
+        "--no-authorization-policy",
+        dest="authorization",
+        action="store_false",
+        help="do not write the AuthorizationPolicy",
+    )
+    scaling = p.add_argument_group("how it scales")
+    scaling.add_argument("--max-replicas", type=int, default=10, help="the autoscaler's maximum (default 10)")
+    scaling.add_argument(
+        "--target-cpu", type=int, default=70, help="target CPU utilisation, %% of the request (default 70)"
+    )
+    scaling.add_argument("--cpu-request", default="100m", help="the container's CPU request (default 100m)")
+    scaling.add_argument(
+        "--no-autoscaling",
+        dest="autoscaling",
+        action="store_false",
+        help="no HorizontalPodAutoscaler: fixed --replicas",
+    )
+    scraping = p.add_argument_group("how it is scraped, and what the app needs")
+    scraping.add_argument(
+        "--metrics-port",
+        type=int,
+        default=DEFAULT_METRICS_PORT,
+        help=f"Prometheus /metrics port: MESHRPC_METRICS_PORT and the pod annotations (default {DEFAULT_METRICS_PORT})",
+    )
+    scraping.add_argument("--no-metrics", dest="metrics", action="store_false", help="no /metrics port or annotations")
+    scraping.add_argument(
+        "--env", action="append", metavar="KEY=VALUE", help="an environment variable for the app (repeatable)"
+    )
+    scraping.add_argument(
+        "--env-from",
+        action="append",
+        metavar="configmap:NAME|secret:NAME",
+        help="variables from a ConfigMap or Secret (repeatable)",
+    )
+    settings = p.add_argument_group("app settings written into the manifest (default: the app's own)")
+    for name in ("port", "drain_delay", "grace"):
+        settings.add_argument("--" + name.replace("_", "-"), dest=name, metavar=name.upper())
+    out = p.add_mutually_exclusive_group()
+    out.add_argument("--output", "-o", type=Path, metavar="DIR", help="write one file per resource into DIR")
+    out.add_argument(
+        "--check",
+        type=Path,
+        metavar="FILE",
+        help="exit 1 with a diff when FILE differs from the output; alone, with the options FILE records",
+    )
+
+
+def _selector(pairs: list[str] | None) -> tuple[tuple[str, str], ...]:
+    if not pairs:
+        return (("istio", "ingressgateway"),)
+    result = []
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise RoutesError(f"gateway selector {pair!r} is not KEY=VALUE")
+        result.append((key, value))
+    return tuple(result)
+
+
+def _env(pairs: list[str] | None) -> tuple[tuple[str, str], ...]:
+    result = []
+    for pair in pairs or ():
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise RoutesError(f"--env {pair!r} is not KEY=VALUE")
+        result.append((key, value))
+    return tuple(result)
+
+
+def _recordable(argv: Sequence[str]) -> list[str]:
+    """The options that shape the YAML: all but where it goes (--output, --check)."""
+    kept: list[str] = []
+    skip = False
+    for arg in argv:
+        if skip:
+            skip = False
+            continue
+        if arg in ("--output", "-o", "--check"):
+            skip = True
+            continue
+        if arg.startswith(("--output=", "--check=", "-o=")):
+            continue
+        kept.append(arg)
+    return kept
+
+
+def render_documents(
+    ns: argparse.Namespace, app: App, app_ref: str, argv: Sequence[str] = ()
+) -> tuple[list[dict[str, Any]], str, list[str]]:
+    changes = {n: _config.parse_value(n, getattr(ns, n)) for n in ("port", "drain_delay", "grace") if getattr(ns, n)}
+    config = app.config.replace(**changes)
+    options = RoutesOptions(
+        name=ns.name or app.name,
+        app_ref=app_ref,
+        namespace=ns.namespace,
+        image=ns.image,
+        replicas=ns.replicas,
+        hosts=tuple(ns.hosts or ("*",)),
+        flavour=ns.api,
+        gateway=ns.gateway,
+        gateway_name=ns.gateway_name,
+        gateway_namespace=ns.gateway_namespace,
+        gateway_selector=_selector(ns.gateway_selector),
+        gateway_class=ns.gateway_class,
+        gateway_port=ns.gateway_port,
+        tls_secret=ns.tls_secret,
+        mesh_routing=ns.mesh_routing,
+        headless=ns.headless,
+        resources=tuple(r.strip() for r in ns.resources.split(",")) if ns.resources else None,
+        authorization=ns.authorization,
+        gateway_principal=ns.gateway_principal,
+        trust_domain=ns.trust_domain,
+        allow_from=tuple(ns.allow_from or ()),
+        mtls=ns.mtls,
+        autoscaling=ns.autoscaling,
+        max_replicas=ns.max_replicas,
+        target_cpu=ns.target_cpu,
+        cpu_request=ns.cpu_request,
+        metrics_port=ns.metrics_port if ns.metrics else None,
+        env=_env(ns.env),
+        env_from=tuple(ns.env_from or ()),
+    )
+    documents = manifests(app.services, config, options)
+    text = render.to_yaml(documents, render.header(app.name, app_ref, _recordable(argv)))
+    return documents, text, notes(options, app.services)
+
+
+def run_routes(
+    ns: argparse.Namespace,
+    load: Callable[[argparse.Namespace], tuple[str, App]],
+    argv: Sequence[str] = (),
+    reparse: Callable[[list[str]], argparse.Namespace] | None = None,
+) -> int:
+    """Run ``meshrpc routes``; ``argv`` are its own arguments, ``reparse`` parses a recorded set."""
+    current: str | None = None
+    if ns.check is not None:
+        try:
+            current = ns.check.read_text()
+        except OSError as exc:
+            print(f"meshrpc routes: cannot read {ns.check}: {exc.strerror}", file=sys.stderr)
+            return 1
+        if not _recordable(argv) and reparse is not None:
+            # `--check FILE` on its own: the options the file was made with.
+            recorded = render.recorded_args(current)
+            if recorded is None:
+                print(
+                    f"meshrpc routes: {ns.check} records no options (made by an older meshrpc): "
+                    "give the app and options to check it against",
+                    file=sys.stderr,
+                )
+                return 1
+            argv = [*recorded, "--check", str(ns.check)]
+            ns = reparse(argv)
+    app_ref, app = load(ns)
+    documents, text, found = render_documents(ns, app, app_ref, argv)
+    for note in found:
+        print(f"meshrpc routes: note: {note}", file=sys.stderr)
+    if current is not None:
+        if render.comparable(current) == render.comparable(text):
+            print(f"{ns.check} is up to date", file=sys.stderr)
+            return 0
+        sys.stdout.writelines(
+            difflib.unified_diff(
+                render.comparable(current).splitlines(keepends=True),
+                render.comparable(text).splitlines(keepends=True),
+                str(ns.check),
+                "meshrpc routes",
+            )
+        )
+        print(f"{ns.check} differs from what meshrpc routes writes now", file=sys.stderr)
+        return 1
+    if ns.output is not None:
+        ns.output.mkdir(parents=True, exist_ok=True)
+        head = render.header(app.name, app_ref, _recordable(argv))
+        for document in documents:
+            path = ns.output / render.file_name(document)
+            path.write_text(render.to_yaml([document], head))
+            print(path, file=sys.stderr)
+        return 0
+    sys.stdout.write(text)
+    return 0

@@ -1,0 +1,238 @@
+"""The workload: ServiceAccount, Deployment, Service, HorizontalPodAutoscaler, PodDisruptionBudget."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from .._config import Config, env_name
+from .options import RoutesOptions, grace_period
+
+PODINFO_DIR = "/etc/podinfo"
+# The fastest the autoscaler may remove replicas: one per drain budget (see horizontal_pod_autoscaler).
+SCALE_DOWN_WINDOW = 300
+
+
+def labels(options: RoutesOptions) -> dict[str, str]:
+    return {"app.kubernetes.io/name": options.name, "app.kubernetes.io/managed-by": "meshrpc"}
+
+
+def selector(options: RoutesOptions) -> dict[str, str]:
+    """The pods' selector labels: what the Service, the PDB, the HPA and the policies select."""
+    return {"app.kubernetes.io/name": options.name}
+
+
+def metadata(options: RoutesOptions, name: str | None = None) -> dict[str, Any]:
+    return {"name": name or options.name, "namespace": options.namespace, "labels": labels(options)}
+
+
+def fqdn(options: RoutesOptions) -> str:
+    return f"{options.name}.{options.namespace}.svc.cluster.local"
+
+
+def service_account(options: RoutesOptions) -> dict[str, Any]:
+    """The app's own identity: its pods are spiffe://TRUST_DOMAIN/ns/NAMESPACE/sa/NAME in the mesh."""
+    return {
+        "apiVersion": "v1",
+        "kind": "ServiceAccount",
+        "metadata": metadata(options),
+        # The app never calls the Kubernetes API; Istio mounts a token of its own for the mesh.
+        "automountServiceAccountToken": False,
+    }
+
+
+def _env(options: RoutesOptions, config: Config) -> list[dict[str, Any]]:
+    env: list[dict[str, Any]] = [
+        {"name": "MESHRPC_APP", "value": options.app_ref},
+        {"name": env_name("port"), "value": str(config.port)},
+        {"name": env_name("drain_delay"), "value": repr(float(config.drain_delay))},
+        {"name": env_name("grace"), "value": repr(float(config.grace))},
+        {"name": env_name("liveness_service"), "value": config.liveness_service},
+        {"name": env_name("pod_annotations_path"), "value": f"{PODINFO_DIR}/annotations"},
+    ]
+    if options.metrics_port is not None:
+        env.append({"name": env_name("metrics_port"), "value": str(options.metrics_port)})
+    env += [{"name": name, "value": value} for name, value in options.env]
+    return env
+
+
+def _env_from(options: RoutesOptions) -> list[dict[str, Any]]:
+    sources = []
+    for source in options.env_from:
+        kind, _, name = source.partition(":")
+        key = "configMapRef" if kind == "configmap" else "secretRef"
+        sources.append({key: {"name": name}})
+    return sources
+
+
+def deployment(options: RoutesOptions, config: Config) -> dict[str, Any]:
+    port = config.port
+    drain_total = grace_period(config)
+    proxy_config = (
+        "holdApplicationUntilProxyStarts: true\n"
+        # The classic sidecar must outlive the app's whole drain (Istio's default is 5s).
+        f"terminationDrainDuration: {drain_total}s\n"
+    )
+    annotations = {"proxy.istio.io/config": proxy_config}
+    ports = [{"name": "grpc", "containerPort": port, "protocol": "TCP"}]
+    if options.metrics_port is not None:
+        # Prometheus finds the pod by these; with a sidecar, Istio's metrics merging rewrites
+        # them to its agent (:15020/stats/prometheus), which scrapes this port and merges it.
+        annotations.update(
+            {
+                "prometheus.io/scrape": "true",
+                "prometheus.io/port": str(options.metrics_port),
+                "prometheus.io/path": "/metrics",
+            }
+        )
+        ports.append({"name": "http-metrics", "containerPort": options.metrics_port, "protocol": "TCP"})
+    container: dict[str, Any] = {
+        "name": options.name,
+        "image": options.image_or_placeholder,
+        "command": ["meshrpc", "serve"],
+        "ports": ports,
+        "env": _env(options, config),
+    }
+    if options.env_from:
+        container["envFrom"] = _env_from(options)
+    container.update(
+        {
+            # Readiness on "" (NOT_SERVING while draining), liveness on its own name.
+            "readinessProbe": {"grpc": {"port": port}, "periodSeconds": 2, "failureThreshold": 1},
+            "livenessProbe": {
+                "grpc": {"port": port, "service": config.liveness_service},
+                "periodSeconds": 10,
+                "failureThreshold": 3,
+            },
+            # Startup (lifespan, sidecar wait) may take a while; liveness waits for it.
+            "startupProbe": {
+                "grpc": {"port": port, "service": config.liveness_service},
+                "periodSeconds": 2,
+                "failureThreshold": math.ceil(config.sidecar_ready_timeout / 2) + 15,
+            },
+            # The CPU request is what the autoscaler's utilisation is a percentage of.
+            "resources": {
+                "requests": {"cpu": options.cpu_request, "memory": "128Mi"},
+                "limits": {"memory": "512Mi"},
+            },
+            "securityContext": {
+                "allowPrivilegeEscalation": False,
+                "readOnlyRootFilesystem": True,
+                "capabilities": {"drop": ["ALL"]},
+            },
+            "volumeMounts": [{"name": "podinfo", "mountPath": PODINFO_DIR, "readOnly": True}],
+        }
+    )
+    spec: dict[str, Any] = {}
+    if not options.autoscaled:
+        # With an autoscaler the replica count is its to set: a replicas field here would make
+        # every `kubectl apply` reset what it scaled to.
+        spec["replicas"] = options.replicas
+    spec.update(
+        {
+            "selector": {"matchLabels": selector(options)},
+            "template": {
+                "metadata": {"labels": {**labels(options), "app": options.name}, "annotations": annotations},
+                "spec": {
+                    "serviceAccountName": options.name,
+                    "terminationGracePeriodSeconds": drain_total,
+                    "automountServiceAccountToken": False,
+                    # Replicas on different nodes where possible: one node's drain or loss
+                    # then takes one replica, which is what the PodDisruptionBudget assumes.
+                    "affinity": {
+                        "podAntiAffinity": {
+                            "preferredDuringSchedulingIgnoredDuringExecution": [
+                                {
+                                    "weight": 100,
+                                    "podAffinityTerm": {
+                                        "labelSelector": {"matchLabels": selector(options)},
+                                        "topologyKey": "kubernetes.io/hostname",
+                                    },
+                                }
+                            ]
+                        }
+                    },
+                    "securityContext": {
+                        "runAsNonRoot": True,
+                        "runAsUser": 65532,
+                        "runAsGroup": 65532,
+                        "seccompProfile": {"type": "RuntimeDefault"},
+                    },
+                    "containers": [container],
+                    "volumes": [
+                        {
+                            "name": "podinfo",
+                            "downwardAPI": {
+                                "items": [{"path": "annotations", "fieldRef": {"fieldPath": "metadata.annotations"}}]
+                            },
+                        }
+                    ],
+                },
+            },
+        }
+    )
+    return {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": metadata(options), "spec": spec}
+
+
+def service(options: RoutesOptions, config: Config, *, headless: bool = False) -> dict[str, Any]:
+    # Only the gRPC port: the metrics port is scraped on the pods, never routed.
+    spec: dict[str, Any] = {
+        "selector": selector(options),
+        "ports": [
+            {"name": "grpc", "port": config.port, "targetPort": config.port, "protocol": "TCP", "appProtocol": "grpc"}
+        ],
+    }
+    if headless:
+        # One DNS record per pod, for client-side round-robin without a mesh.
+        spec = {"clusterIP": "None", **spec, "publishNotReadyAddresses": False}
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": metadata(options, f"{options.name}-headless" if headless else None),
+        "spec": spec,
+    }
+
+
+def horizontal_pod_autoscaler(options: RoutesOptions, config: Config) -> dict[str, Any]:
+    """CPU-based scaling between --replicas and --max-replicas.
+
+    Scaling down removes a pod through the whole drain (readiness off, drain delay, grace),
+    so it is held back: the recommendation must stay low for the stabilisation window, and
+    at most one pod goes per termination grace period, the time one pod's drain may take.
+    """
+    drain = grace_period(config)
+    return {
+        "apiVersion": "autoscaling/v2",
+        "kind": "HorizontalPodAutoscaler",
+        "metadata": metadata(options),
+        "spec": {
+            "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": options.name},
+            "minReplicas": options.replicas,
+            "maxReplicas": options.max_replicas,
+            "metrics": [
+                {
+                    "type": "Resource",
+                    "resource": {
+                        "name": "cpu",
+                        "target": {"type": "Utilization", "averageUtilization": options.target_cpu},
+                    },
+                }
+            ],
+            "behavior": {
+                "scaleDown": {
+                    "stabilizationWindowSeconds": min(max(SCALE_DOWN_WINDOW, drain), 3600),  # the API's limit
+                    "selectPolicy": "Min",
+                    "policies": [{"type": "Pods", "value": 1, "periodSeconds": min(drain, 1800)}],
+                }
+            },
+        },
+    }
+
+
+def pod_disruption_budget(options: RoutesOptions) -> dict[str, Any]:
+    return {
+        "apiVersion": "policy/v1",
+        "kind": "PodDisruptionBudget",
+        "metadata": metadata(options),
+        "spec": {"maxUnavailable": 1, "selector": {"matchLabels": selector(options)}},
+    }
