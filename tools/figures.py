@@ -13,6 +13,9 @@ are made again by their command, never edited by hand.  ``--tiny`` makes a quick
 
 from __future__ import annotations
 
+import argparse
+import asyncio
+import collections
 import os
 import platform
 import sys
@@ -78,3 +81,211 @@ def performance(tables: Sequence[tuple[str, Sequence[tuple[str, float, float]]]]
     axes[0][0].legend(loc="lower left", bbox_to_anchor=(0, 1.08), fontsize=7, frameon=False)
     fig.tight_layout(rect=(0, 0.04, 1, 1))
     _save(fig, path, caption(command))
+
+
+# -- rollout ---------------------------------------------------------------------------
+
+
+def record_rollout() -> dict[str, Any]:
+    """Two real rolling updates through Envoy (tests/rollout.py): with and without the drain delay."""
+    import tempfile
+
+    from tests.rollout import rolling_update
+
+    runs = []
+    for drain_delay in (1.5, 0.0):
+        with tempfile.TemporaryDirectory() as workdir:
+            rollout = asyncio.run(rolling_update(Path(workdir), drain_delay=drain_delay))
+        # Calls counted per 10 ms, replica and status: what the figure needs, and small to keep.
+        counted = collections.Counter(
+            (round(t, 2), rollout.labels.get(server, server), status) for t, server, status in rollout.load.events
+        )
+        runs.append(
+            {
+                "drain_delay": rollout.drain_delay,
+                "grace": rollout.grace,
+                "sigterms": rollout.sigterms,
+                "events": [[t, replica, status, n] for (t, replica, status), n in sorted(counted.items())],
+            }
+        )
+    return {"runs": runs}
+
+
+def draw_rollout(record: dict[str, Any], path: Path, command: str) -> None:
+    """Calls per 100 ms per replica, failed calls in red, and SIGTERM, D and D+G on the time axis."""
+    plt = _pyplot()
+    runs = record["runs"]
+    fig, axes = plt.subplots(len(runs), 1, figsize=(9, 2.7 * len(runs) + 0.4), sharex=True, squeeze=False)
+    end = max((event[0] for run in runs for event in run["events"]), default=1.0)
+    bins = max(1, int(end / 0.1) + 1)
+    colors = {"old a": "#9ecae1", "old b": "#3182bd", "new a": "#a1d99b", "new b": "#31a354"}
+    for ax, run in zip(axes[:, 0], runs, strict=True):
+        ok: dict[str, list[int]] = {}
+        failed = [0] * bins
+        for t, replica, status, *count in run["events"]:  # [t, replica, status, how many]
+            slot = min(int(t / 0.1), bins - 1)
+            n = count[0] if count else 1
+            if status == "OK":
+                ok.setdefault(replica, [0] * bins)[slot] += n
+            else:
+                failed[slot] += n
+        times = [i * 0.1 for i in range(bins)]
+        for replica in sorted(ok, key=lambda r: (not r.startswith("old"), r)):
+            ax.step(times, ok[replica], where="post", label=replica, color=colors.get(replica), linewidth=1.2)
+        if any(failed):
+            ax.bar(times, failed, width=0.1, align="edge", color="#d62728", label="failed calls", zorder=3)
+        delay, grace = run["drain_delay"], run["grace"]
+        for t, replica in run["sigterms"]:
+            ax.axvline(t, color="black", linewidth=0.9)
+            ax.text(t, 1.0, f" SIGTERM {replica}", transform=ax.get_xaxis_transform(), fontsize=7, va="top")
+            if delay:
+                ax.axvline(t + delay, color="black", linewidth=0.8, linestyle="--")
+            ax.axvline(t + delay + grace, color="grey", linewidth=0.8, linestyle=":")
+        total = sum(sum(counts) for counts in ok.values())
+        lost = sum(failed)
+        ax.set_title(
+            f"drain delay D = {delay:g} s, grace G = {grace:g} s: {total} calls answered, {lost} failed",
+            fontsize=9,
+            loc="left",
+        )
+        ax.set_ylabel("calls per 100 ms")
+        ax.legend(loc="upper right", fontsize=7, ncol=5, frameon=False, bbox_to_anchor=(1, 1.22))
+    axes[-1, 0].set_xlabel("seconds since the load started   (solid: SIGTERM, dashed: D, dotted: D+G)")
+    fig.tight_layout(rect=(0, 0.03, 1, 1))
+    _save(fig, path, caption(command))
+
+
+# -- lifecycle -------------------------------------------------------------------------
+
+
+def record_lifecycle(drain_delay: float = 1.0, grace: float = 4.0, slow: float = 3.0) -> dict[str, Any]:
+    """A real `meshrpc serve` with one slow RPC across SIGTERM, probed from outside every 50 ms."""
+    import re
+    import signal
+    import threading
+    from datetime import datetime
+
+    import grpc
+
+    from examples._generated.echo import echo_pb2, echo_pb2_grpc
+    from tests.helpers import Served, health_status
+
+    samples: list[tuple[float, str, str, bool]] = []
+    slow_call: dict[str, float] = {}
+    args = ("--drain-delay", str(drain_delay), "--grace", str(grace))
+    with Served("tests.apps.echo:app", *args) as served:
+        served.wait_serving()
+        start = time.time()
+        stop = threading.Event()
+
+        def probe() -> None:
+            while not stop.is_set() and time.time() - start < 30:
+                readiness = health_status(served.target, timeout=0.3)
+                liveness = health_status(served.target, "liveness", timeout=0.3)
+                with grpc.insecure_channel(served.target) as channel:  # a new client, as after the GOAWAY
+                    try:
+                        echo_pb2_grpc.EchoStub(channel).Unary(echo_pb2.EchoRequest(text="x"), timeout=0.3)
+                        accepting = True
+                    except grpc.RpcError:
+                        accepting = False
+                samples.append((time.time() - start, readiness, liveness, accepting))
+                time.sleep(0.05)
+
+        def call_slowly() -> None:
+            with grpc.insecure_channel(served.target) as channel:
+                slow_call["start"] = time.time() - start
+                echo_pb2_grpc.EchoStub(channel).Unary(echo_pb2.EchoRequest(text="slow", sleep=slow), timeout=30)
+                slow_call["end"] = time.time() - start
+
+        prober, caller = threading.Thread(target=probe), threading.Thread(target=call_slowly)
+        prober.start()
+        time.sleep(0.5)
+        caller.start()
+        time.sleep(0.5)
+        served.signal(signal.SIGTERM)
+        sigterm = time.time() - start
+        caller.join(30)
+        served.wait(30)
+        stop.set()
+        prober.join(30)
+        log = served.log
+
+    def logged(phrase: str) -> float | None:
+        for line in log.splitlines():
+            if phrase in line:
+                stamp = re.match(r"^(\S+)", line)
+                if stamp:
+                    return datetime.fromisoformat(stamp.group(1)).timestamp() - start
+        return None
+
+    return {
+        "drain_delay": drain_delay,
+        "grace": grace,
+        "sigterm": sigterm,
+        "t0": logged("drain t0:"),
+        "goaway": logged("no new RPCs (GOAWAY)"),
+        "stopped": logged("server stopped"),
+        "slow_call": [slow_call.get("start"), slow_call.get("end")],
+        "samples": samples,
+    }
+
+
+def draw_lifecycle(record: dict[str, Any], path: Path, command: str) -> None:
+    """Readiness, liveness, accepting and in flight over t0 .. D .. D+G, as probed from outside."""
+    plt = _pyplot()
+    samples = record["samples"]
+    times = [s[0] for s in samples]
+    t0 = record["t0"] if record["t0"] is not None else record["sigterm"]
+    delay, grace = record["drain_delay"], record["grace"]
+    start, end = record["slow_call"]
+    tracks = [
+        ("readiness SERVING", [1 if s[1] == "SERVING" else 0 for s in samples]),
+        ("liveness SERVING", [1 if s[2] == "SERVING" else 0 for s in samples]),
+        ("accepting new RPCs", [1 if s[3] else 0 for s in samples]),
+        (
+            "slow RPC in flight",
+            [1 if start is not None and start <= t and (end is None or t < end) else 0 for t in times],
+        ),
+    ]
+    fig, ax = plt.subplots(figsize=(9, 3.2))
+    for row, (name, values) in enumerate(tracks):
+        base = (len(tracks) - 1 - row) * 1.5
+        ax.fill_between(times, [base] * len(values), [base + 0.9 * v for v in values], step="post", alpha=0.6)
+        ax.text(times[0] if times else 0, base + 1.0, name, fontsize=8)
+    marks = [(t0, "t0: SIGTERM", "-"), (t0 + delay, "t0+D: GOAWAY", "--"), (t0 + delay + grace, "t0+D+G", ":")]
+    if record["stopped"] is not None:
+        marks.append((record["stopped"], "stopped", "-."))
+    for t, label, style in marks:
+        ax.axvline(t, color="black", linewidth=0.8, linestyle=style)
+        ax.text(t, 1.0, f" {label}", transform=ax.get_xaxis_transform(), fontsize=7, va="bottom", rotation=0)
+    ax.set_yticks([])
+    ax.set_xlabel(f"seconds   (drain delay D = {delay:g} s, grace G = {grace:g} s; probed every 50 ms from outside)")
+    fig.tight_layout(rect=(0, 0.05, 1, 0.93))
+    _save(fig, path, caption(command))
+
+
+# -- the command -------------------------------------------------------------------------
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    import json
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("figure", choices=["rollout", "lifecycle"])
+    parser.add_argument("--record", type=Path, help="draw from this recorded run (JSON) instead of a new one")
+    parser.add_argument("--out", type=Path, default=FIGURES, help="folder for the SVG and the JSON record")
+    args = parser.parse_args(argv)
+    command = "python tools/figures.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    if args.record is not None:
+        record = json.loads(args.record.read_text())
+    else:
+        record = record_rollout() if args.figure == "rollout" else record_lifecycle()
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / f"{args.figure}.json").write_text(json.dumps(record, separators=(",", ":")) + "\n")
+    draw = draw_rollout if args.figure == "rollout" else draw_lifecycle
+    draw(record, args.out / f"{args.figure}.svg", command)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
