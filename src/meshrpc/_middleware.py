@@ -172,36 +172,45 @@ def check_middleware(middleware: Iterable[Any]) -> tuple[Middleware, ...]:
     return tuple(checked)
 
 
+def _ended(call: Call, exc: BaseException | None) -> None:
+    call.exception = exc
+    call.code = final_code(call.context, exc)
+
+
 class _Next:
-    """``call_next`` for one place in the chain: runs the rest and records how it ended."""
+    """``call_next`` for a middleware in the middle of the chain: the next one, and how it ended."""
 
     __slots__ = ("middleware", "rest")
 
-    def __init__(self, middleware: Middleware | None, rest: Any) -> None:
+    def __init__(self, middleware: Middleware, rest: Any) -> None:
         self.middleware = middleware
         self.rest = rest
 
     async def __call__(self, call: Call) -> None:
         try:
-            if self.middleware is None:
-                await self.rest(call)
-            else:
-                await self.middleware(call, self.rest)
+            await self.middleware(call, self.rest)
         except BaseException as exc:
-            call.exception = exc
-            call.code = final_code(call.context, exc)
+            _ended(call, exc)
             raise
-        call.code = final_code(call.context, None)
-        call.exception = None
+        _ended(call, None)
 
 
 def _innermost(spec: MethodSpec, impl: Handler) -> Callable[[Call], Awaitable[None]]:
-    """Run the handler itself for ``call``; streamed replies are written, not re-yielded."""
+    """``call_next`` of the last middleware: the handler itself, and how it ended.
+
+    Streamed replies are written here, not re-yielded.  One frame, not two: a chain of
+    one middleware costs the middleware's coroutine and this one.
+    """
     streaming_requests = spec.kind in (RpcKind.STREAM_UNARY, RpcKind.STREAM_STREAM)
     if spec.kind in (RpcKind.UNARY_UNARY, RpcKind.STREAM_UNARY):
 
         async def reply(call: Call) -> None:
-            call._reply = await impl(call._requests if streaming_requests else call.request, call.context)
+            try:
+                call._reply = await impl(call._requests if streaming_requests else call.request, call.context)
+            except BaseException as exc:
+                _ended(call, exc)
+                raise
+            _ended(call, None)
 
         return reply
 
@@ -210,15 +219,25 @@ def _innermost(spec: MethodSpec, impl: Handler) -> Callable[[Call], Awaitable[No
 
         async def stream(call: Call) -> None:
             context = call.context
-            async for reply in impl(call._requests if streaming_requests else call.request, context):
-                if reply.__class__ is not reply_class and not isinstance(reply, reply_class):
-                    await wrong_reply(context, spec, reply)
-                await context.write(reply)
+            try:
+                async for reply in impl(call._requests if streaming_requests else call.request, context):
+                    if reply.__class__ is not reply_class and not isinstance(reply, reply_class):
+                        await wrong_reply(context, spec, reply)
+                    await context.write(reply)
+            except BaseException as exc:
+                _ended(call, exc)
+                raise
+            _ended(call, None)
 
         return stream
 
     async def writing(call: Call) -> None:
-        await impl(call._requests if streaming_requests else call.request, call.context)
+        try:
+            await impl(call._requests if streaming_requests else call.request, call.context)
+        except BaseException as exc:
+            _ended(call, exc)
+            raise
+        _ended(call, None)
 
     return writing
 
@@ -229,7 +248,7 @@ def compose(spec: MethodSpec, middleware: tuple[Middleware, ...], impl: Handler)
     Server-streaming replies are written with ``context.write`` inside the chain, so
     middleware runs around the whole stream and nothing re-yields each message.
     """
-    rest: Any = _Next(None, _innermost(spec, impl))
+    rest: Any = _innermost(spec, impl)
     for item in reversed(middleware[1:]):
         rest = _Next(item, rest)
     first = middleware[0]
