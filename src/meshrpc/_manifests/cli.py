@@ -45,7 +45,12 @@ def add_routes_command(commands: Any) -> None:
     p.add_argument("--name", help="resource name (default: the app's name)")
     p.add_argument("--namespace", default="default", help="namespace (default 'default')")
     p.add_argument("--image", help="container image (default: a placeholder, with a warning)")
-    p.add_argument("--replicas", type=int, default=2, help="Deployment replicas (default 2)")
+    p.add_argument(
+        "--replicas",
+        type=int,
+        default=2,
+        help="the autoscaler's minimum; with --no-autoscaling, the Deployment's (default 2)",
+    )
     p.add_argument(
         "--host",
         action="append",
