@@ -82,6 +82,13 @@ async def main(calls: int) -> None:
     bare = await per_call(lambda: greeter.SayHello(hello, context), calls)
     wrapped = await per_call(lambda: unary(hello, context), calls)
     print(f"unary:  bare handler {bare:6.2f} us, through meshrpc {wrapped:6.2f} us: +{wrapped - bare:.2f} us per call")
+
+    async def nothing(call: Any, call_next: Any) -> None:
+        await call_next(call)
+
+    behind = method_handler(specs["SayHello"], (), InFlight(), middleware=(nothing,)).unary_unary
+    with_middleware = await per_call(lambda: behind(hello, context), calls)
+    print(f"unary with one no-op middleware {with_middleware:6.2f} us: +{with_middleware - wrapped:.2f} us per call")
     bare = await per_call(bare_stream, calls // 10, 10)
     wrapped = await per_call(meshrpc_stream, calls // 10, 10)
     print(
