@@ -70,3 +70,18 @@ def test_performance_chart_draws_the_ratios(tmp_path: Path) -> None:
     performance([("unary SayHello", [("raw grpc.aio", 1.0, 1.0), ("meshrpc (defaults)", 0.98, 1.02)])], path, "bench")
     svg = path.read_text()
     assert "meshrpc (defaults)" in svg and "0.98" in svg and "made by: bench" in svg
+
+
+def test_lifecycle_recording_reads_the_phases_of_a_real_drain() -> None:
+    """The recording half of the lifecycle figure, on a short drain (the rollout's is tests/test_rollout.py)."""
+    sys.path.insert(0, str(ROOT))
+    from tools.figures import record_lifecycle
+
+    record = record_lifecycle(drain_delay=0.3, grace=2.0, slow=0.8)
+    t0, goaway, stopped = record["t0"], record["goaway"], record["stopped"]
+    assert t0 is not None and goaway is not None and stopped is not None
+    assert t0 < goaway < stopped and abs(goaway - t0 - 0.3) < 0.2  # GOAWAY after the drain delay
+    start, end = record["slow_call"]
+    assert start < t0 < end <= stopped + 0.1  # the slow RPC was in flight across SIGTERM and finished
+    readiness = [sample[1] for sample in record["samples"]]
+    assert readiness[0] == "SERVING" and "NOT_SERVING" in readiness
