@@ -97,17 +97,18 @@ def _wrap(spec: MethodSpec, impl: Handler, inflight: InFlight) -> Handler:
     invalid = grpc.StatusCode.INVALID_ARGUMENT
     reply_class = spec.response_type
 
-    if kind is RpcKind.UNARY_UNARY:
+    if kind in (RpcKind.UNARY_UNARY, RpcKind.STREAM_UNARY):
+        streaming_requests = kind is RpcKind.STREAM_UNARY
 
-        async def unary_unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        async def replying(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             enter(context)
-            if request.__class__ is _Malformed:
+            if request.__class__ is _Malformed:  # a unary request only: a stream's are checked as read
                 await context.abort(invalid, request.reason)
             if inflight.count >= inflight.limit:
                 await _over_limit(context, inflight)
             inflight.count += 1
             try:
-                reply = await impl(request, context)
+                reply = await impl(_checked(request, context) if streaming_requests else request, context)
                 if reply.__class__ is not reply_class and not isinstance(reply, reply_class):
                     await wrong_reply(context, spec, reply)
                 return reply
@@ -121,31 +122,7 @@ def _wrap(spec: MethodSpec, impl: Handler, inflight: InFlight) -> Handler:
             finally:
                 inflight.count -= 1
 
-        return unary_unary
-
-    if kind is RpcKind.STREAM_UNARY:
-
-        async def stream_unary(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-            enter(context)
-            if inflight.count >= inflight.limit:
-                await _over_limit(context, inflight)
-            inflight.count += 1
-            try:
-                reply = await impl(_checked(requests, context), context)
-                if reply.__class__ is not reply_class and not isinstance(reply, reply_class):
-                    await wrong_reply(context, spec, reply)
-                return reply
-            except abort_error:
-                raise
-            except cancelled_error:
-                inflight.cancelled += 1
-                raise
-            except HANDLER_ERRORS as exc:
-                await fail(context, spec, exc)
-            finally:
-                inflight.count -= 1
-
-        return stream_unary
+        return replying
 
     def first_arg(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         return request if kind is RpcKind.UNARY_STREAM else _checked(request, context)
