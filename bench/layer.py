@@ -66,8 +66,8 @@ async def per_call(fn: Callable[[], Awaitable[Any]], calls: int, per: int = 1) -
 async def main(calls: int) -> None:
     greeter, context = Greeter(), StandInContext()
     specs = {m.name: m for s in app.services for m in s.methods}
-    unary = method_handler(specs["SayHello"], (), InFlight()).unary_unary
-    stream = method_handler(specs["SayHelloStream"], (), InFlight()).unary_stream
+    unary = method_handler(specs["SayHello"], InFlight()).unary_unary
+    stream = method_handler(specs["SayHelloStream"], InFlight()).unary_stream
     hello = helloworld_pb2.HelloRequest(name="bench")
     ten = helloworld_pb2.HelloRequest(name="bench", count=10)
 
@@ -86,7 +86,7 @@ async def main(calls: int) -> None:
     async def nothing(call: Any, call_next: Any) -> None:
         await call_next(call)
 
-    behind = method_handler(specs["SayHello"], (), InFlight(), middleware=(nothing,)).unary_unary
+    behind = method_handler(specs["SayHello"], InFlight(), middleware=(nothing,)).unary_unary
     with_middleware = await per_call(lambda: behind(hello, context), calls)
     print(f"unary with one no-op middleware {with_middleware:6.2f} us: +{with_middleware - wrapped:.2f} us per call")
     bare = await per_call(bare_stream, calls // 10, 10)
@@ -108,7 +108,9 @@ async def main(calls: int) -> None:
         server_address="127.0.0.1",
         server_port=50051,
     )
-    observed = method_handler(specs["SayHello"], (observer(telemetry, list(specs.values())),), InFlight()).unary_unary
+    observed = method_handler(
+        specs["SayHello"], InFlight(), observe=observer(telemetry, list(specs.values()))
+    ).unary_unary
     production = await per_call(lambda: observed(hello, context), calls)
     print(
         f"unary with the production profile's telemetry {production:6.2f} us: +{production - wrapped:.2f} us per call"

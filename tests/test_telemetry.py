@@ -25,7 +25,7 @@ import meshrpc
 from examples._generated.echo import echo_pb2, echo_pb2_grpc
 from examples._generated.helloworld import helloworld_pb2, helloworld_pb2_grpc
 from meshrpc import testing
-from tests.apps.echo import app
+from tests.apps.echo import Echo, app
 from tests.helpers import Served
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
@@ -74,10 +74,10 @@ def otel() -> Iterator[Otel]:
         _reset_globals()
 
 
-async def test_no_sdk_means_no_wrapper_at_all() -> None:
+async def test_no_sdk_means_nothing_observes_the_rpcs() -> None:
     _reset_globals()
     async with testing.running(app) as server:
-        assert server.server._telemetry_wrappers() == ()
+        assert server.server._observer() is None
 
 
 async def test_unary_span_follows_the_rpc_conventions(otel: Otel) -> None:
@@ -168,6 +168,45 @@ async def test_streaming_spans_cover_the_whole_stream(otel: Otel) -> None:
     requests_in = {p.attributes["rpc.method"]: p.sum for p in otel.points("rpc.server.requests_per_rpc")}
     assert responses == {"ServerStream": 3, "BidiStream": 4}
     assert requests_in == {"BidiStream": 4, "ClientStream": 4}
+
+
+async def test_stream_counts_behind_middleware_and_for_writing_handlers(otel: Otel) -> None:
+    """Replies are counted where they are written: by the middleware chain when there is
+    one; a handler that writes with context.write records no count rather than a wrong 0."""
+
+    async def nothing(call: meshrpc.Call, call_next: meshrpc.CallNext) -> None:
+        await call_next(call)
+
+    class Writing(Echo):
+        async def BidiStream(self, requests: Any, context: Any) -> None:  # type: ignore[override]
+            async for request in requests:
+                await context.write(echo_pb2.EchoReply(text=request.text))
+
+    async def requests():  # type: ignore[no-untyped-def]
+        for text in "abc":
+            yield echo_pb2.EchoRequest(text=text)
+
+    behind = meshrpc.App("echo", services=[Writing()], middleware=[nothing])
+    async with testing.running(behind) as server:
+        stub = echo_pb2_grpc.EchoStub(server.channel)
+        assert len([r async for r in stub.ServerStream(echo_pb2.EchoRequest(count=5))]) == 5
+        assert len([r async for r in stub.BidiStream(requests())]) == 3
+    responses = {p.attributes["rpc.method"]: p.sum for p in otel.points("rpc.server.responses_per_rpc")}
+    requests_in = {p.attributes["rpc.method"]: p.sum for p in otel.points("rpc.server.requests_per_rpc")}
+    assert responses == {"ServerStream": 5}
+    assert requests_in == {"BidiStream": 3}
+
+
+async def test_a_wrong_reply_type_is_observed_as_the_internal_error_the_client_gets(otel: Otel) -> None:
+    async with testing.running(app) as server:
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await echo_pb2_grpc.EchoStub(server.channel).Unary(echo_pb2.EchoRequest(fail="return-dict"))
+    assert raised.value.code() == grpc.StatusCode.INTERNAL
+    (span,) = otel.finished("echo.Echo/Unary")
+    assert span.attributes["rpc.grpc.status_code"] == grpc.StatusCode.INTERNAL.value[0]  # type: ignore[index]
+    assert span.status.status_code is StatusCode.ERROR
+    (point,) = otel.points("rpc.server.duration")
+    assert point.attributes["rpc.grpc.status_code"] == grpc.StatusCode.INTERNAL.value[0]
 
 
 async def test_duration_and_in_flight_metrics(otel: Otel) -> None:

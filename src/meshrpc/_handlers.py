@@ -18,10 +18,11 @@ from google.protobuf.message import DecodeError
 
 from ._errors import AppError
 from ._failures import HANDLER_ERRORS, fail, wrong_reply
-from ._middleware import Middleware, applicable, compose
+from ._middleware import Middleware, applicable, compose, replies_written
 from ._rpc_context import current_rpc
 from ._service import MethodSpec, RpcKind
 from ._sync import adapt, is_sync
+from ._telemetry import Observation, Observe
 
 Handler = Callable[..., Any]
 
@@ -81,14 +82,30 @@ def _unimplemented(spec: MethodSpec) -> Handler:
     return unimplemented
 
 
-async def _checked(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
+async def _checked(
+    requests: AsyncIterator[Any], context: grpc.aio.ServicerContext[Any, Any], obs: Observation | None
+) -> AsyncIterator[Any]:
+    # One generator over a client's stream: malformed messages answered, messages counted.
     async for request in requests:
         if request.__class__ is _Malformed:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.reason)
+        if obs is not None:
+            obs.received += 1
         yield request
 
 
-def _wrap(spec: MethodSpec, impl: Handler, inflight: InFlight) -> Handler:
+# Who counts a server stream's replies for telemetry: the wrapper's write loop, the
+# middleware chain's (on its Call), or nobody (the handler calls context.write itself).
+_COUNTED_HERE, _COUNTED_BY_CHAIN, _NOT_COUNTED = "here", "chain", "none"
+
+
+def _wrap(spec: MethodSpec, impl: Handler, inflight: InFlight, observe: Observe | None, counted: str) -> Handler:
+    """``impl`` with meshrpc's outer layer: checks, in-flight count, error mapping, telemetry.
+
+    Telemetry is a begin/finish pair called here, not a layer of its own: it sees the
+    status the client gets (a wrong reply type included) and adds no coroutine frame,
+    and no generator per streamed message.
+    """
     kind = spec.kind
     abort_error = grpc.aio.AbortError
     cancelled_error = asyncio.CancelledError
@@ -107,25 +124,32 @@ def _wrap(spec: MethodSpec, impl: Handler, inflight: InFlight) -> Handler:
             if inflight.count >= inflight.limit:
                 await _over_limit(context, inflight)
             inflight.count += 1
+            obs = observe(spec, context) if observe is not None else None
+            error: BaseException | None = None
             try:
-                reply = await impl(_checked(request, context) if streaming_requests else request, context)
+                reply = await impl(_checked(request, context, obs) if streaming_requests else request, context)
                 if reply.__class__ is not reply_class and not isinstance(reply, reply_class):
                     await wrong_reply(context, spec, reply)
                 return reply
-            except abort_error:
+            except abort_error as exc:
+                error = exc
                 raise
-            except cancelled_error:
+            except cancelled_error as exc:
+                error = exc
                 inflight.cancelled += 1
                 raise
             except HANDLER_ERRORS as exc:
+                error = exc
                 await fail(context, spec, exc)
             finally:
                 inflight.count -= 1
+                if obs is not None:
+                    obs.finish(error, None)
 
         return replying
 
-    def first_arg(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-        return request if kind is RpcKind.UNARY_STREAM else _checked(request, context)
+    def first_arg(request: Any, context: grpc.aio.ServicerContext[Any, Any], obs: Observation | None) -> Any:
+        return request if kind is RpcKind.UNARY_STREAM else _checked(request, context, obs)
 
     if inspect.isasyncgenfunction(impl):
         # The user's generator is driven here and each reply written with
@@ -139,27 +163,39 @@ def _wrap(spec: MethodSpec, impl: Handler, inflight: InFlight) -> Handler:
             if inflight.count >= inflight.limit:
                 await _over_limit(context, inflight)
             inflight.count += 1
+            obs = observe(spec, context) if observe is not None else None
+            error: BaseException | None = None
             write = context.write
+            sent = 0
             try:
-                async for reply in impl(first_arg(request, context), context):
+                async for reply in impl(first_arg(request, context, obs), context):
                     if reply.__class__ is not reply_class and not isinstance(reply, reply_class):
                         await wrong_reply(context, spec, reply)
                     await write(reply)
-            except abort_error:
+                    sent += 1
+            except abort_error as exc:
+                error = exc
                 raise
-            except cancelled_error:
+            except cancelled_error as exc:
+                error = exc
                 inflight.cancelled += 1
                 raise
             except HANDLER_ERRORS as exc:
+                error = exc
                 await fail(context, spec, exc)
             finally:
                 inflight.count -= 1
+                if obs is not None:
+                    if counted is _COUNTED_HERE:
+                        obs.finish(error, sent)
+                    else:
+                        obs.finish(error, replies_written() if counted is _COUNTED_BY_CHAIN else None)
             return
             yield
 
         return streaming
 
-    # A coroutine that writes its replies with context.write().
+    # A coroutine that writes its replies with context.write(): meshrpc does not see them.
     async def writing(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
         enter(context)
         if request.__class__ is _Malformed:
@@ -167,22 +203,27 @@ def _wrap(spec: MethodSpec, impl: Handler, inflight: InFlight) -> Handler:
         if inflight.count >= inflight.limit:
             await _over_limit(context, inflight)
         inflight.count += 1
+        obs = observe(spec, context) if observe is not None else None
+        error: BaseException | None = None
         try:
-            await impl(first_arg(request, context), context)
-        except abort_error:
+            await impl(first_arg(request, context, obs), context)
+        except abort_error as exc:
+            error = exc
             raise
-        except cancelled_error:
+        except cancelled_error as exc:
+            error = exc
             inflight.cancelled += 1
             raise
         except HANDLER_ERRORS as exc:
+            error = exc
             await fail(context, spec, exc)
         finally:
             inflight.count -= 1
+            if obs is not None:
+                obs.finish(error, None)
 
     return writing
 
-
-Wrapper = Callable[[MethodSpec, Handler], Handler]
 
 _FACTORIES = {
     RpcKind.UNARY_UNARY: grpc.unary_unary_rpc_method_handler,
@@ -194,20 +235,20 @@ _FACTORIES = {
 
 def method_handler(
     spec: MethodSpec,
-    wrappers: tuple[Wrapper, ...] = (),
     inflight: InFlight | None = None,
     *,
+    observe: Observe | None = None,
     middleware: tuple[Middleware, ...] = (),
     pool: concurrent.futures.Executor | None = None,
 ) -> grpc.RpcMethodHandler[Any, Any]:
     """The grpc handler for ``spec``: the user's method inside meshrpc's layers.
 
     From the inside out: a ``def`` method is run in ``pool``; the user's
-    ``middleware`` (those the method did not opt out of); meshrpc's ``wrappers``
-    (telemetry), which must keep the method's shape; the error mapping.
-    ``inflight`` counts (and limits) the RPCs; without it, as for health and
-    reflection, nothing is counted or limited.
+    ``middleware`` (those the method did not opt out of); the error mapping, with
+    ``observe`` (telemetry) around everything.  ``inflight`` counts (and limits) the
+    RPCs; without it, as for health and reflection, nothing is counted or limited.
     """
+    counted = _COUNTED_HERE
     if spec.impl is None:
         handler = _unimplemented(spec)
     else:
@@ -218,10 +259,10 @@ def method_handler(
             impl = adapt(spec, impl, pool)
         chain = applicable(spec, middleware)
         if chain:
+            # The chain writes a generator's replies and counts them; a coroutine's, nobody.
+            counted = _COUNTED_BY_CHAIN if inspect.isasyncgenfunction(impl) else _NOT_COUNTED
             impl = compose(spec, chain, impl)
-        for wrapper in wrappers:
-            impl = wrapper(spec, impl)
-        handler = _wrap(spec, impl, inflight if inflight is not None else InFlight())
+        handler = _wrap(spec, impl, inflight if inflight is not None else InFlight(), observe, counted)
     factory: Any = _FACTORIES[spec.kind]
     result: grpc.RpcMethodHandler[Any, Any] = factory(
         handler,

@@ -44,7 +44,7 @@ class Call:
     values to later middleware and to the handler (``meshrpc.current_call()``).
     """
 
-    __slots__ = ("_reply", "_requests", "code", "context", "exception", "request", "spec", "state")
+    __slots__ = ("_reply", "_requests", "_sent", "code", "context", "exception", "request", "spec", "state")
 
     def __init__(self, spec: MethodSpec, context: grpc.aio.ServicerContext[Any, Any], request: Any) -> None:
         self.spec = spec
@@ -55,6 +55,7 @@ class Call:
         self.state: dict[str, Any] = {}
         self._reply: Any = None
         self._requests: Any = None
+        self._sent = 0  # a generator's replies written by the chain (telemetry reads it)
 
     @property
     def method(self) -> str:
@@ -224,6 +225,7 @@ def _innermost(spec: MethodSpec, impl: Handler) -> Callable[[Call], Awaitable[No
                     if reply.__class__ is not reply_class and not isinstance(reply, reply_class):
                         await wrong_reply(context, spec, reply)
                     await context.write(reply)
+                    call._sent += 1
             except BaseException as exc:
                 _ended(call, exc)
                 raise
@@ -240,6 +242,12 @@ def _innermost(spec: MethodSpec, impl: Handler) -> Callable[[Call], Awaitable[No
         _ended(call, None)
 
     return writing
+
+
+def replies_written() -> int:
+    """The replies the current RPC's chain has written (0 if the chain never started)."""
+    call = _current.get(None)
+    return call._sent if call is not None else 0
 
 
 def compose(spec: MethodSpec, middleware: tuple[Middleware, ...], impl: Handler) -> Handler:

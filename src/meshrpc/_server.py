@@ -32,7 +32,7 @@ from . import _mesh, _metrics
 from ._bind import check_bindable
 from ._config import Config, env_name
 from ._errors import AppError, BindError, ConfigError
-from ._handlers import InFlight, Wrapper, method_handler
+from ._handlers import InFlight, method_handler
 from ._health import HEALTH_SERVICE, CheckLog, Health, consume_outcome, poll_checks, run_checks
 from ._interceptors import server_interceptors
 from ._otel_setup import configure_sdk
@@ -41,7 +41,7 @@ from ._reflection import add_reflection
 from ._runner import hard_exit, owns_process
 from ._service import describe
 from ._sync import is_sync
-from ._telemetry import Telemetry, observer, sdk_configured
+from ._telemetry import Observe, Telemetry, observer, sdk_configured
 
 if TYPE_CHECKING:
     from ._app import App
@@ -335,7 +335,7 @@ class Server:
             )
         return options
 
-    def _telemetry_wrappers(self) -> tuple[Wrapper, ...]:
+    def _observer(self) -> Observe | None:
         config = self.config
         tracing, metering = sdk_configured() if config.telemetry else (False, False)
         telemetry = Telemetry(
@@ -348,15 +348,15 @@ class Server:
         )
         logger.debug("telemetry: tracing %s, metrics %s, access log %s", tracing, metering, config.access_log)
         if not telemetry.enabled:
-            return ()  # nothing wraps the handlers: no cost at all
-        return (observer(telemetry, [m for s in self.app.services for m in s.methods]),)
+            return None  # nothing observes the RPCs: no cost at all
+        return observer(telemetry, [m for s in self.app.services for m in s.methods])
 
     def _add_handlers(self, server: grpc.aio.Server, health: Health) -> list[str]:
-        wrappers = self._telemetry_wrappers()
+        observe = self._observer()
         middleware, pool = self.app.middleware, self._thread_pool()
         for service in self.app.services:
             handlers = {
-                m.name: method_handler(m, wrappers, self._inflight, middleware=middleware, pool=pool)
+                m.name: method_handler(m, self._inflight, observe=observe, middleware=middleware, pool=pool)
                 for m in service.methods
             }
             _register(server, service.name, handlers)

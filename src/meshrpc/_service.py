@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import enum
+import functools
 import inspect
 import sys
 from collections.abc import Callable
@@ -74,7 +75,7 @@ class MethodSpec:
     impl: Callable[..., Any] | None
     route: RouteOptions | None
 
-    @property
+    @functools.cached_property  # read several times per RPC by telemetry
     def path(self) -> str:
         """The HTTP/2 path of the RPC: ``/package.Service/Method``."""
         return f"/{self.service}/{self.name}"

@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import inspect
+import functools
 import json
 import logging
 import random
 import re
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import grpc
@@ -35,7 +35,6 @@ from ._version import __version__
 
 access_logger = logging.getLogger("meshrpc.access")
 _ACCESS = {"meshrpc_access": True}
-Handler = Callable[..., Any]
 
 # Server spans are errors for these codes only; the rest are the client's business.
 ERROR_CODES = frozenset(
@@ -131,10 +130,13 @@ def _peer_address(peer: str) -> tuple[str, int | None]:
     return rest or peer, None
 
 
-class _Observation:
-    """One RPC's telemetry: started before the handler, finished after it."""
+class Observation:
+    """One RPC's telemetry: begun before the handler, finished after it.
 
-    __slots__ = ("context", "received", "sent", "span", "spec", "start", "token", "tools")
+    ``received`` is counted by whoever reads a client's stream.
+    """
+
+    __slots__ = ("context", "received", "span", "spec", "start", "token", "tools")
 
     def __init__(self, tools: _Tools, spec: MethodSpec, context: grpc.aio.ServicerContext[Any, Any]) -> None:
         self.tools = tools
@@ -142,7 +144,6 @@ class _Observation:
         self.context = context
         self.start = time.perf_counter()
         self.received = 0
-        self.sent = 0
         self.span: trace.Span | None = None
         if tools.tracer is not None:
             # Extract only when a propagator's header came in: most of the cost otherwise.
@@ -163,7 +164,9 @@ class _Observation:
         # The span is current while the handler runs: its own spans and log lines nest under it.
         self.token = otel_context.attach(trace.set_span_in_context(self.span)) if self.span is not None else None
 
-    def finish(self, exc: BaseException | None) -> None:
+    def finish(self, exc: BaseException | None, sent: int | None) -> None:
+        """End the RPC's span and record it: ``exc`` is what the handler raised (None if it
+        returned), ``sent`` the replies of a server stream (None if not known)."""
         if self.token is not None:
             otel_context.detach(self.token)
         tools, spec = self.tools, self.spec
@@ -186,8 +189,8 @@ class _Observation:
             if spec.kind is not RpcKind.UNARY_UNARY:
                 if spec.kind is not RpcKind.UNARY_STREAM:
                     instruments.requests_per_rpc.record(self.received, attrs)
-                if spec.kind is not RpcKind.STREAM_UNARY:
-                    instruments.responses_per_rpc.record(self.sent, attrs)
+                if sent is not None and spec.kind is not RpcKind.STREAM_UNARY:
+                    instruments.responses_per_rpc.record(sent, attrs)
         if tools.access_log != "off" and (tools.sample_rate >= 1.0 or random.random() < tools.sample_rate):
             self._access_log(code, elapsed_ms)
 
@@ -251,50 +254,13 @@ class _Tools:
         return attributes
 
 
-async def _counted(requests: AsyncIterator[Any], obs: _Observation) -> AsyncIterator[Any]:
-    async for request in requests:
-        obs.received += 1
-        yield request
+# Begins an RPC's observation: called with the method and the RPC's context.
+Observe = Callable[[MethodSpec, grpc.aio.ServicerContext[Any, Any]], Observation]
 
 
-def observer(telemetry: Telemetry, specs: list[MethodSpec]) -> Callable[[MethodSpec, Handler], Handler]:
-    """A middleware that observes each RPC as ``telemetry`` asks; keeps the handler's shape."""
-    tools = _Tools(telemetry, specs)
-
-    def middleware(spec: MethodSpec, impl: Handler) -> Handler:
-        counts_requests = tools.instruments is not None and spec.kind in (RpcKind.STREAM_UNARY, RpcKind.STREAM_STREAM)
-
-        if inspect.isasyncgenfunction(impl):
-
-            async def observed_stream(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
-                obs = _Observation(tools, spec, context)
-                error: BaseException | None = None
-                try:
-                    async for reply in impl(_counted(request, obs) if counts_requests else request, context):
-                        obs.sent += 1
-                        yield reply
-                except BaseException as exc:
-                    error = exc
-                    raise
-                finally:
-                    obs.finish(error)
-
-            return observed_stream
-
-        async def observed(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-            obs = _Observation(tools, spec, context)
-            error: BaseException | None = None
-            try:
-                return await impl(_counted(request, obs) if counts_requests else request, context)
-            except BaseException as exc:
-                error = exc
-                raise
-            finally:
-                obs.finish(error)
-
-        return observed
-
-    return middleware
+def observer(telemetry: Telemetry, specs: list[MethodSpec]) -> Observe:
+    """How each RPC of ``specs`` is observed, as ``telemetry`` asks."""
+    return functools.partial(Observation, _Tools(telemetry, specs))
 
 
 # A trace id as W3C and B3 write it: 32 (or, B3 only, 16) lowercase hex digits.  What
