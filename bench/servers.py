@@ -99,7 +99,9 @@ def floor_servicer(production: bool) -> Any:
 
     Extract the incoming trace context, start a SERVER span with the RPC attributes, end
     it with the status code; for the production profile also record the duration
-    histogram.  No framework, no interceptor: the SDK's own cost under the same load.
+    histogram (and a stream's replies).  No framework, no interceptor: the SDK's own
+    cost under the same load.  Streamed replies are written with ``context.write``, as
+    meshrpc writes them.
     """
     import time
 
@@ -108,7 +110,10 @@ def floor_servicer(production: bool) -> Any:
     from examples.greeter.app import Greeter
 
     tracer = trace.get_tracer("floor")
-    duration = metrics.get_meter("floor").create_histogram("rpc.server.duration", unit="ms") if production else None
+    meter = metrics.get_meter("floor")
+    duration = meter.create_histogram("rpc.server.duration", unit="ms") if production else None
+    # The semantic conventions' messages per stream, which meshrpc records for server streams.
+    responses = meter.create_histogram("rpc.server.responses_per_rpc", unit="{count}") if production else None
     base = {"rpc.system": "grpc", "rpc.service": "helloworld.Greeter", "server.address": "127.0.0.1"}
     metric_attrs = {**base, "rpc.grpc.status_code": 0}
 
@@ -123,11 +128,14 @@ def floor_servicer(production: bool) -> Any:
             attributes=attributes,
         )
 
-    def end(span: Any, started: float, method: str) -> None:
+    def end(span: Any, started: float, method: str, sent: int | None = None) -> None:
         span.set_attribute("rpc.grpc.status_code", 0)
         span.end()
         if duration is not None:
-            duration.record((time.perf_counter() - started) * 1000, {**metric_attrs, "rpc.method": method})
+            attrs = {**metric_attrs, "rpc.method": method}
+            duration.record((time.perf_counter() - started) * 1000, attrs)
+            if responses is not None and sent is not None:
+                responses.record(sent, attrs)
 
     class FloorGreeter(Greeter):
         async def SayHello(self, request: Any, context: Any) -> Any:
@@ -136,11 +144,13 @@ def floor_servicer(production: bool) -> Any:
             end(span, started, "SayHello")
             return reply
 
-        async def SayHelloStream(self, request: Any, context: Any) -> Any:
-            started, span = time.perf_counter(), start(context, "SayHelloStream")
+        async def SayHelloStream(self, request: Any, context: Any) -> None:  # type: ignore[override]
+            # Replies written as they come, not re-yielded: no generator layer per message.
+            started, span, sent = time.perf_counter(), start(context, "SayHelloStream"), 0
             async for reply in super().SayHelloStream(request, context):
-                yield reply
-            end(span, started, "SayHelloStream")
+                await context.write(reply)
+                sent += 1
+            end(span, started, "SayHelloStream", sent)
 
     return FloorGreeter()
 
