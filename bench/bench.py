@@ -6,7 +6,8 @@ Each contender runs as its own server process (pinned to CPU 0 when taskset is
 there); h2load (Debian's nghttp2-client) sends unary gRPC calls from CPU 1.
 Rounds alternate the contenders so that machine noise hits all of them alike;
 the table gives medians of requests/s and server CPU time per RPC, and each
-contender's ratio to raw grpc.aio measured in the same run.
+contender's ratio to raw grpc.aio: the median, over the rounds, of its figure
+over raw's in the same round.
 """
 
 from __future__ import annotations
@@ -59,12 +60,13 @@ def contenders(port: int) -> list[Contender]:
             {"MESHRPC_MESH": "none", "MESHRPC_LOG_LEVEL": "warning"},
         ),
         Contender("meshrpc + middleware", server("meshrpc-middleware")),
+        # Compared contenders run next to each other, in either direction of a round.
         Contender("meshrpc + tracing", server("meshrpc-traced")),
-        # New traces only (no incoming traceparent): the sampler decides, 1 in 10.
-        Contender("meshrpc production", server("meshrpc-production"), traceparent=False),
-        Contender("raw + otel contrib", server("raw-otel-contrib")),
         # The SDK's floor under the same load: the least tracing work, inline in raw handlers.
         Contender("raw + SDK floor", server("raw-sdk-floor")),
+        Contender("raw + otel contrib", server("raw-otel-contrib")),
+        # New traces only (no incoming traceparent): the sampler decides, 1 in 10.
+        Contender("meshrpc production", server("meshrpc-production"), traceparent=False),
         Contender("raw + prod. floor", server("raw-production-floor"), traceparent=False),
         Contender("grpclib", server("grpclib")),
     ]
@@ -239,12 +241,16 @@ provider.shutdown()
     return float(out.stdout.strip())
 
 
-def floor_lines(cpu_of: dict[str, float], base_cpu: float, loop_floor: float | None) -> list[str]:
-    """meshrpc's telemetry cost against the SDK's own, both measured over raw grpc.aio in this run."""
+def floor_lines(cpu_ratio: dict[str, float], base_cpu: float, loop_floor: float | None) -> list[str]:
+    """meshrpc's telemetry cost against the SDK's own, both measured over raw grpc.aio in this run.
+
+    ``cpu_ratio`` is each contender's CPU per RPC over raw's (the median of same-round
+    ratios); ``base_cpu`` raw's median CPU per RPC, to put the ratios in µs.
+    """
     lines = []
     for meshrpc, floor in (("meshrpc + tracing", "raw + SDK floor"), ("meshrpc production", "raw + prod. floor")):
-        if meshrpc in cpu_of and floor in cpu_of:
-            over, floor_over = cpu_of[meshrpc] - base_cpu, cpu_of[floor] - base_cpu
+        if meshrpc in cpu_ratio and floor in cpu_ratio:
+            over, floor_over = (cpu_ratio[meshrpc] - 1) * base_cpu, (cpu_ratio[floor] - 1) * base_cpu
             lines.append(
                 f"{meshrpc}: {over:.1f} us CPU per RPC over raw grpc.aio, {over / floor_over:.2f}x the SDK's own "
                 f"floor under the same load ({floor}: {floor_over:.1f} us)."
@@ -311,7 +317,6 @@ def main(argv: list[str] | None = None) -> int:
                     )
         finally:
             os.unlink(body.name)
-        base = median([r.rps for r in results[field[0].name]])
         base_cpu = median([r.cpu_us_per_rpc for r in results[field[0].name]])
         lines = [
             f"{workload.name}: {args.requests} calls x {args.rounds} rounds, h2load -c {args.clients} -m {args.streams}",
@@ -320,18 +325,26 @@ def main(argv: list[str] | None = None) -> int:
             f"| {'RSS MB':>6} |",
             f"|{'-' * 22}|{'-' * 16}:|{'-' * 7}:|{'-' * 11}:|{'-' * 11}:|{'-' * 7}:|",
         ]
-        cpu_of: dict[str, float] = {}
+        cpu_ratio: dict[str, float] = {}
         ratios: list[tuple[str, float, float]] = []
+        baseline = results[field[0].name]
         for contender in field:
-            rps = median([r.rps for r in results[contender.name]])
-            cpu = cpu_of[contender.name] = median([r.cpu_us_per_rpc for r in results[contender.name]])
-            rss = median([r.rss_mb for r in results[contender.name]])
-            ratios.append((contender.name, rps / base, cpu / base_cpu))
+            mine = results[contender.name]
+            rps = median([r.rps for r in mine])
+            cpu = median([r.cpu_us_per_rpc for r in mine])
+            rss = median([r.rss_mb for r in mine])
+            # Paired: each round's figure over raw's in the same round, then the median of
+            # those ratios, so that the machine's drift between rounds cancels out.
+            rps_vs = median([r.rps / b.rps for r, b in zip(mine, baseline, strict=True)])
+            cpu_vs = cpu_ratio[contender.name] = median(
+                [r.cpu_us_per_rpc / b.cpu_us_per_rpc for r, b in zip(mine, baseline, strict=True)]
+            )
+            ratios.append((contender.name, rps_vs, cpu_vs))
             lines.append(
-                f"| {contender.name:<20} | {rps:>14.0f} | {rps / base:>6.3f} | {cpu:>10.1f} | {cpu / base_cpu:>10.3f} "
+                f"| {contender.name:<20} | {rps:>14.0f} | {rps_vs:>6.3f} | {cpu:>10.1f} | {cpu_vs:>10.3f} "
                 f"| {rss:>6.1f} |"
             )
-        lines += floor_lines(cpu_of, base_cpu, floor)
+        lines += floor_lines(cpu_ratio, base_cpu, floor)
         tables.append("\n".join(lines))
         charts.append((workload.name, ratios))
     report = "\n\n".join(tables)

@@ -28,9 +28,9 @@ def test_benchmark_runs_every_contender() -> None:
         "meshrpc (defaults)",
         "meshrpc + middleware",
         "meshrpc + tracing",
-        "meshrpc production",
-        "raw + otel contrib",
         "raw + SDK floor",
+        "raw + otel contrib",
+        "meshrpc production",
         "raw + prod. floor",
         "grpclib",
     ]
