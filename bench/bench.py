@@ -281,7 +281,8 @@ def main(argv: list[str] | None = None) -> int:
     # Short rounds overstate the telemetry contenders: the SDK's batch processor and the
     # garbage collector settle over the first tens of thousands of spans.
     parser.add_argument("--requests", type=int, default=30_000, help="calls per round (default 30000)")
-    parser.add_argument("--rounds", type=int, default=3, help="rounds per contender, alternating (default 3)")
+    # An even count: each contender runs as often before raw as after it.
+    parser.add_argument("--rounds", type=int, default=4, help="rounds per contender, alternating (default 4)")
     parser.add_argument("--clients", type=int, default=4, help="h2load connections (default 4)")
     parser.add_argument("--streams", type=int, default=32, help="concurrent streams per connection (default 32)")
     parser.add_argument("--only", help="comma-separated contender names to run (default: all)")
