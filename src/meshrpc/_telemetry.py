@@ -1,8 +1,9 @@
 """OpenTelemetry for every RPC: a server span, RPC metrics and an access log line.
 
 All three are decided once, when the server composes its handlers: with no SDK
-configured (the API's proxy providers) and the access log off, no wrapper is
-added at all, so telemetry costs nothing.  Span and metric names follow the RPC
+configured (the API's proxy providers) and the access log off, nothing observes
+the RPCs, so telemetry costs nothing.  Otherwise meshrpc's handler wrapper begins
+an :class:`Observation` before the handler and finishes it after.  Span and metric names follow the RPC
 semantic conventions as the OpenTelemetry gRPC instrumentations emit them
 (``rpc.system``, ``rpc.service``, ``rpc.method``, ``rpc.grpc.status_code``,
 ``rpc.server.duration`` in ms).
@@ -29,7 +30,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from ._errors import StatusError
 from ._failures import final_code
-from ._rpc_context import incoming_metadata, text_metadata
+from ._rpc_context import incoming_metadata
 from ._service import MethodSpec, RpcKind
 from ._version import __version__
 
@@ -147,10 +148,13 @@ class Observation:
         self.span: trace.Span | None = None
         if tools.tracer is not None:
             # Extract only when a propagator's header came in: most of the cost otherwise.
+            # grpc builds the metadata tuple anew at each invocation_metadata() call: one call.
             parent = None
-            for key, _ in context.invocation_metadata() or ():
+            metadata = context.invocation_metadata() or ()
+            for key, _ in metadata:
                 if key in tools.fields:
-                    parent = propagate.extract(text_metadata(context), getter=_GETTER)
+                    carrier = {k: v for k, v in metadata if v.__class__ is str}
+                    parent = propagate.extract(carrier, getter=_GETTER)
                     break
             # All attributes at start: one validation pass instead of one locked set per attribute.
             self.span = tools.tracer.start_span(
