@@ -94,17 +94,13 @@ async def _checked(
         yield request
 
 
-# Who counts a server stream's replies for telemetry: the wrapper's write loop, the
-# middleware chain's (on its Call), or nobody (the handler calls context.write itself).
-_COUNTED_HERE, _COUNTED_BY_CHAIN, _NOT_COUNTED = "here", "chain", "none"
-
-
-def _wrap(spec: MethodSpec, impl: Handler, inflight: InFlight, observe: Observe | None, counted: str) -> Handler:
+def _wrap(spec: MethodSpec, impl: Handler, inflight: InFlight, observe: Observe | None, chained: bool) -> Handler:
     """``impl`` with meshrpc's outer layer: checks, in-flight count, error mapping, telemetry.
 
     Telemetry is a begin/finish pair called here, not a layer of its own: it sees the
     status the client gets (a wrong reply type included) and adds no coroutine frame,
-    and no generator per streamed message.
+    and no generator per streamed message.  ``chained``: ``impl`` is the middleware
+    chain, which writes (and counts) a stream's replies itself.
     """
     kind = spec.kind
     abort_error = grpc.aio.AbortError
@@ -186,10 +182,7 @@ def _wrap(spec: MethodSpec, impl: Handler, inflight: InFlight, observe: Observe 
             finally:
                 inflight.count -= 1
                 if obs is not None:
-                    if counted is _COUNTED_HERE:
-                        obs.finish(error, sent)
-                    else:
-                        obs.finish(error, replies_written() if counted is _COUNTED_BY_CHAIN else None)
+                    obs.finish(error, replies_written() if chained else sent)
             return
             yield
 
@@ -248,7 +241,7 @@ def method_handler(
     ``observe`` (telemetry) around everything.  ``inflight`` counts (and limits) the
     RPCs; without it, as for health and reflection, nothing is counted or limited.
     """
-    counted = _COUNTED_HERE
+    chain: tuple[Middleware, ...] = ()
     if spec.impl is None:
         handler = _unimplemented(spec)
     else:
@@ -259,10 +252,8 @@ def method_handler(
             impl = adapt(spec, impl, pool)
         chain = applicable(spec, middleware)
         if chain:
-            # The chain writes a generator's replies and counts them; a coroutine's, nobody.
-            counted = _COUNTED_BY_CHAIN if inspect.isasyncgenfunction(impl) else _NOT_COUNTED
             impl = compose(spec, chain, impl)
-        handler = _wrap(spec, impl, inflight if inflight is not None else InFlight(), observe, counted)
+        handler = _wrap(spec, impl, inflight if inflight is not None else InFlight(), observe, bool(chain))
     factory: Any = _FACTORIES[spec.kind]
     result: grpc.RpcMethodHandler[Any, Any] = factory(
         handler,

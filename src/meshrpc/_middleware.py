@@ -55,7 +55,8 @@ class Call:
         self.state: dict[str, Any] = {}
         self._reply: Any = None
         self._requests: Any = None
-        self._sent = 0  # a generator's replies written by the chain (telemetry reads it)
+        # The replies the chain wrote (telemetry reads it); None where the handler writes them.
+        self._sent: int | None = 0
 
     @property
     def method(self) -> str:
@@ -220,20 +221,24 @@ def _innermost(spec: MethodSpec, impl: Handler) -> Callable[[Call], Awaitable[No
 
         async def stream(call: Call) -> None:
             context = call.context
+            sent = 0
             try:
                 async for reply in impl(call._requests if streaming_requests else call.request, context):
                     if reply.__class__ is not reply_class and not isinstance(reply, reply_class):
                         await wrong_reply(context, spec, reply)
                     await context.write(reply)
-                    call._sent += 1
+                    sent += 1
             except BaseException as exc:
                 _ended(call, exc)
                 raise
+            finally:
+                call._sent = sent
             _ended(call, None)
 
         return stream
 
     async def writing(call: Call) -> None:
+        call._sent = None  # the handler writes its replies with context.write: not seen here
         try:
             await impl(call._requests if streaming_requests else call.request, call.context)
         except BaseException as exc:
@@ -244,8 +249,9 @@ def _innermost(spec: MethodSpec, impl: Handler) -> Callable[[Call], Awaitable[No
     return writing
 
 
-def replies_written() -> int:
-    """The replies the current RPC's chain has written (0 if the chain never started)."""
+def replies_written() -> int | None:
+    """The replies the current RPC's chain has written (0 if the chain never started; None
+    if its handler writes them itself)."""
     call = _current.get(None)
     return call._sent if call is not None else 0
 
