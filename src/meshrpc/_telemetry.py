@@ -3,8 +3,9 @@
 All three are decided once, when the server composes its handlers: with no SDK
 configured (the API's proxy providers) and the access log off, nothing observes
 the RPCs, so telemetry costs nothing.  Otherwise meshrpc's handler wrapper begins
-an :class:`Observation` before the handler and finishes it after.  Span and metric names follow the RPC
-semantic conventions as the OpenTelemetry gRPC instrumentations emit them
+an :class:`Observation` before the handler and finishes it after.  Span and
+metric names follow the RPC semantic conventions as the OpenTelemetry gRPC
+instrumentations emit them
 (``rpc.system``, ``rpc.service``, ``rpc.method``, ``rpc.grpc.status_code``,
 ``rpc.server.duration`` in ms).
 """
@@ -30,7 +31,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from ._errors import StatusError
 from ._failures import final_code
-from ._rpc_context import incoming_metadata
+from ._rpc_context import incoming_metadata, text_items
 from ._service import MethodSpec, RpcKind
 from ._version import __version__
 
@@ -153,8 +154,7 @@ class Observation:
             metadata = context.invocation_metadata() or ()
             for key, _ in metadata:
                 if key in tools.fields:
-                    carrier = {k: v for k, v in metadata if v.__class__ is str}
-                    parent = propagate.extract(carrier, getter=_GETTER)
+                    parent = propagate.extract(text_items(metadata), getter=_GETTER)
                     break
             # All attributes at start: one validation pass instead of one locked set per attribute.
             self.span = tools.tracer.start_span(
