@@ -34,13 +34,11 @@ def install_meter_provider(service_name: str, reader: Any) -> Callable[[], None]
     try:
         from opentelemetry import metrics
         from opentelemetry.sdk.metrics import MeterProvider
-        from opentelemetry.sdk.resources import SERVICE_NAME, Resource
     except ImportError:
         raise ConfigError(MISSING_EXTRA) from None
-    resource = Resource.create()
-    if str(resource.attributes.get(SERVICE_NAME, "")).startswith("unknown_service"):
-        resource = resource.merge(Resource({SERVICE_NAME: service_name}))
-    provider = MeterProvider(resource=resource, metric_readers=[reader])
+    from ._otel_setup import service_resource
+
+    provider = MeterProvider(resource=service_resource(service_name), metric_readers=[reader])
     metrics.set_meter_provider(provider)
     return provider.shutdown
 

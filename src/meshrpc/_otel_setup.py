@@ -33,6 +33,17 @@ def _exporters(group: str, names: str) -> list[Any]:
     return found
 
 
+def service_resource(service_name: str) -> Any:
+    """The SDK's resource from OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES, named after
+    the app when they name no service.  Needs the SDK installed."""
+    from opentelemetry.sdk.resources import SERVICE_NAME, Resource
+
+    resource = Resource.create()
+    if str(resource.attributes.get(SERVICE_NAME, "")).startswith("unknown_service"):
+        resource = resource.merge(Resource({SERVICE_NAME: service_name}))
+    return resource
+
+
 def configure_sdk(
     service_name: str, environ: Mapping[str, str], extra_readers: Sequence[Any] = ()
 ) -> Callable[[], None]:
@@ -45,15 +56,13 @@ def configure_sdk(
         from opentelemetry import metrics, trace
         from opentelemetry.sdk.metrics import MeterProvider
         from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
-        from opentelemetry.sdk.resources import SERVICE_NAME, Resource
+        from opentelemetry.sdk.resources import SERVICE_NAME
         from opentelemetry.sdk.trace import TracerProvider
         from opentelemetry.sdk.trace.export import BatchSpanProcessor
     except ImportError:
         raise ConfigError("otel_sdk needs the OpenTelemetry SDK: pip install 'meshrpc[otel]'") from None
 
-    resource = Resource.create()  # reads OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES
-    if str(resource.attributes.get(SERVICE_NAME, "")).startswith("unknown_service"):
-        resource = resource.merge(Resource({SERVICE_NAME: service_name}))
+    resource = service_resource(service_name)
     tracer_provider = TracerProvider(resource=resource)  # sampler from OTEL_TRACES_SAMPLER
     for exporter in _exporters("opentelemetry_traces_exporter", environ.get("OTEL_TRACES_EXPORTER", "otlp")):
         tracer_provider.add_span_processor(BatchSpanProcessor(exporter))
