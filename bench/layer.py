@@ -108,9 +108,7 @@ async def main(calls: int) -> None:
         server_address="127.0.0.1",
         server_port=50051,
     )
-    observed = method_handler(
-        specs["SayHello"], InFlight(), observe=observer(telemetry, list(specs.values()))
-    ).unary_unary
+    observed = method_handler(specs["SayHello"], InFlight(), observe=observer(telemetry)).unary_unary
     production = await per_call(lambda: observed(hello, context), calls)
     print(
         f"unary with the production profile's telemetry {production:6.2f} us: +{production - wrapped:.2f} us per call"

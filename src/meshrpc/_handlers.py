@@ -109,6 +109,7 @@ def _wrap(spec: MethodSpec, impl: Handler, inflight: InFlight, observe: Observe 
     enter = current_rpc.set
     invalid = grpc.StatusCode.INVALID_ARGUMENT
     reply_class = spec.response_type
+    begin = observe(spec) if observe is not None else None
 
     if kind in (RpcKind.UNARY_UNARY, RpcKind.STREAM_UNARY):
         streaming_requests = kind is RpcKind.STREAM_UNARY
@@ -120,7 +121,7 @@ def _wrap(spec: MethodSpec, impl: Handler, inflight: InFlight, observe: Observe 
             if inflight.count >= inflight.limit:
                 await _over_limit(context, inflight)
             inflight.count += 1
-            obs = observe(spec, context) if observe is not None else None
+            obs = begin(context) if begin is not None else None
             error: BaseException | None = None
             try:
                 reply = await impl(_checked(request, context, obs) if streaming_requests else request, context)
@@ -159,7 +160,7 @@ def _wrap(spec: MethodSpec, impl: Handler, inflight: InFlight, observe: Observe 
             if inflight.count >= inflight.limit:
                 await _over_limit(context, inflight)
             inflight.count += 1
-            obs = observe(spec, context) if observe is not None else None
+            obs = begin(context) if begin is not None else None
             error: BaseException | None = None
             write = context.write
             sent = 0
@@ -196,7 +197,7 @@ def _wrap(spec: MethodSpec, impl: Handler, inflight: InFlight, observe: Observe 
         if inflight.count >= inflight.limit:
             await _over_limit(context, inflight)
         inflight.count += 1
-        obs = observe(spec, context) if observe is not None else None
+        obs = begin(context) if begin is not None else None
         error: BaseException | None = None
         try:
             await impl(first_arg(request, context, obs), context)

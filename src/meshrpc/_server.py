@@ -349,7 +349,7 @@ class Server:
         logger.debug("telemetry: tracing %s, metrics %s, access log %s", tracing, metering, config.access_log)
         if not telemetry.enabled:
             return None  # nothing observes the RPCs: no cost at all
-        return observer(telemetry, [m for s in self.app.services for m in s.methods])
+        return observer(telemetry)
 
     def _add_handlers(self, server: grpc.aio.Server, health: Health) -> list[str]:
         observe = self._observer()

@@ -88,16 +88,20 @@ class Telemetry:
         return self.tracing or self.metrics or self.access_log != "off"
 
 
+# Each status code's number, and whether a server span is an error for it, read once:
+# an enum's ``.value`` is a descriptor call, and this is asked once per RPC.
+_CODE_NUMBERS = {code: code.value[0] for code in grpc.StatusCode}
+
+
 class _Instruments:
-    def __init__(self, metric_attrs: dict[str, dict[str, Any]]) -> None:
+    def __init__(self) -> None:
         meter = metrics.get_meter("meshrpc", __version__)
         self.duration = meter.create_histogram(
             "rpc.server.duration", unit="ms", description="Measures the duration of inbound RPC."
         )
         # RPCs in flight per method, counted in plain ints and read when the SDK collects:
         # two synchronous add() calls per RPC cost about a third of all per-RPC telemetry.
-        self.active: dict[str, int] = dict.fromkeys(metric_attrs, 0)
-        self._metric_attrs = metric_attrs
+        self.methods: list[_Method] = []
         meter.create_observable_up_down_counter(
             "rpc.server.active_requests",
             callbacks=[self._observe_active],
@@ -110,17 +114,9 @@ class _Instruments:
         self.responses_per_rpc = meter.create_histogram(
             "rpc.server.responses_per_rpc", unit="{count}", description="Messages sent per streaming RPC."
         )
-        # The attributes of each (method, status code), built once rather than per RPC.
-        self.code_attrs: dict[tuple[str, grpc.StatusCode], dict[str, Any]] = {}
 
     def _observe_active(self, options: metrics.CallbackOptions) -> list[metrics.Observation]:
-        return [metrics.Observation(count, self._metric_attrs[path]) for path, count in self.active.items()]
-
-    def attrs_for(self, path: str, code: grpc.StatusCode) -> dict[str, Any]:
-        attrs = self.code_attrs.get((path, code))
-        if attrs is None:
-            attrs = self.code_attrs[(path, code)] = {**self._metric_attrs[path], "rpc.grpc.status_code": code.value[0]}
-        return attrs
+        return [metrics.Observation(method.active, method.metric_attrs) for method in self.methods]
 
 
 def _peer_address(peer: str) -> tuple[str, int | None]:
@@ -132,84 +128,143 @@ def _peer_address(peer: str) -> tuple[str, int | None]:
     return rest or peer, None
 
 
+class _Method:
+    """What observing one method needs, built once when its handler is composed, so an
+    RPC looks nothing up by the method's name."""
+
+    PEER_CACHE = 4096  # attribute sets kept per method; peers repeat for a connection's life
+
+    def __init__(self, tools: _Tools, spec: MethodSpec) -> None:
+        self.tools = tools
+        self.spec = spec
+        self.path = spec.path
+        self.tracer = tools.tracer
+        self.fields = tools.fields
+        self.instruments = tools.instruments
+        self.access_log = tools.access_log
+        self.sample_rate = tools.sample_rate
+        # The clock is read only for what records a duration: metrics or the access log.
+        self.timed = self.instruments is not None or self.access_log != "off"
+        self.span_name = f"{spec.service}/{spec.name}"
+        self.metric_attrs: dict[str, Any] = {"rpc.system": "grpc", "rpc.service": spec.service, "rpc.method": spec.name}
+        self.span_attrs = {
+            **self.metric_attrs,
+            "server.address": tools.server_address,
+            "server.port": tools.server_port,
+        }
+        self.records_requests = spec.kind in (RpcKind.STREAM_UNARY, RpcKind.STREAM_STREAM)
+        self.records_responses = spec.kind in (RpcKind.UNARY_STREAM, RpcKind.STREAM_STREAM)
+        self.active = 0  # RPCs of this method in flight, read when metrics are collected
+        self._by_peer: dict[str, dict[str, Any]] = {}
+        self._by_code: dict[grpc.StatusCode, dict[str, Any]] = {}
+
+    def span_attributes(self, peer: str) -> dict[str, Any]:
+        """A server span's attributes when called from ``peer``, built once per peer.
+
+        The SDK copies what it is given, so one dict serves every span of a connection.
+        """
+        attributes = self._by_peer.get(peer)
+        if attributes is None:
+            if len(self._by_peer) >= self.PEER_CACHE:
+                self._by_peer.clear()
+            host, port = _peer_address(peer)
+            attributes = {**self.span_attrs, "client.address": host}
+            if port is not None:
+                attributes["client.port"] = port
+            self._by_peer[peer] = attributes
+        return attributes
+
+    def code_attributes(self, code: grpc.StatusCode) -> dict[str, Any]:
+        """The metric attributes of an RPC that ended with ``code``, built once per code."""
+        attributes = self._by_code.get(code)
+        if attributes is None:
+            attributes = self._by_code[code] = {**self.metric_attrs, "rpc.grpc.status_code": _CODE_NUMBERS[code]}
+        return attributes
+
+
 class Observation:
     """One RPC's telemetry: begun before the handler, finished after it.
 
     ``received`` is counted by whoever reads a client's stream.
     """
 
-    __slots__ = ("context", "received", "span", "spec", "start", "token", "tools")
+    __slots__ = ("context", "method", "received", "span", "start", "token")
 
-    def __init__(self, tools: _Tools, spec: MethodSpec, context: grpc.aio.ServicerContext[Any, Any]) -> None:
-        self.tools = tools
-        self.spec = spec
+    def __init__(self, method: _Method, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        self.method = method
         self.context = context
-        self.start = time.perf_counter()
+        self.start = time.perf_counter() if method.timed else 0.0
         self.received = 0
-        self.span: trace.Span | None = None
-        if tools.tracer is not None:
+        tracer = method.tracer
+        if tracer is not None:
             # Extract only when a propagator's header came in: most of the cost otherwise.
             # grpc builds the metadata tuple anew at each invocation_metadata() call: one call.
             parent = None
             metadata = context.invocation_metadata() or ()
+            fields = method.fields
             for key, _ in metadata:
-                if key in tools.fields:
+                if key in fields:
                     parent = propagate.extract(text_items(metadata), getter=_GETTER)
                     break
             # All attributes at start: one validation pass instead of one locked set per attribute.
-            self.span = tools.tracer.start_span(
-                tools.span_names[spec.path],
+            span = tracer.start_span(
+                method.span_name,
                 context=parent,
                 kind=SpanKind.SERVER,
-                attributes=tools.span_attributes(spec.path, context.peer() or ""),
+                attributes=method.span_attributes(context.peer() or ""),
             )
-        if tools.instruments is not None:
-            tools.instruments.active[spec.path] += 1
-        # The span is current while the handler runs: its own spans and log lines nest under it.
-        self.token = otel_context.attach(trace.set_span_in_context(self.span)) if self.span is not None else None
+            self.span: trace.Span | None = span
+            # The span is current while the handler runs: its own spans and log lines nest under it.
+            self.token: object | None = otel_context.attach(trace.set_span_in_context(span))
+        else:
+            self.span = self.token = None
+        if method.instruments is not None:
+            method.active += 1
 
     def finish(self, exc: BaseException | None, sent: int | None) -> None:
         """End the RPC's span and record it: ``exc`` is what the handler raised (None if it
         returned), ``sent`` the replies of a server stream (None if not known)."""
-        if self.token is not None:
-            otel_context.detach(self.token)
-        tools, spec = self.tools, self.spec
+        method = self.method
         code = final_code(self.context, exc)
-        elapsed_ms = (time.perf_counter() - self.start) * 1000
+        elapsed_ms = (time.perf_counter() - self.start) * 1000 if method.timed else 0.0
         span = self.span
-        if span is not None and span.is_recording():  # not for the ones the sampler dropped
-            span.set_attribute("rpc.grpc.status_code", code.value[0])
-            if code in ERROR_CODES:
-                if exc is not None and not isinstance(exc, (StatusError, grpc.aio.AbortError, asyncio.CancelledError)):
-                    span.record_exception(exc)
-                details = exc.message if isinstance(exc, StatusError) else self.context.details()
-                span.set_status(Status(StatusCode.ERROR, f"{code.name}: {details}" if details else code.name))
-            span.end()
-        instruments = tools.instruments
+        if span is not None:
+            otel_context.detach(self.token)  # type: ignore[arg-type]
+            if span.is_recording():  # not for the ones the sampler dropped
+                span.set_attribute("rpc.grpc.status_code", _CODE_NUMBERS[code])
+                if code in ERROR_CODES:
+                    self._record_error(span, code, exc)
+                span.end()
+        instruments = method.instruments
         if instruments is not None:
-            instruments.active[spec.path] -= 1
-            attrs = instruments.attrs_for(spec.path, code)
+            method.active -= 1
+            attrs = method.code_attributes(code)
             instruments.duration.record(elapsed_ms, attrs)
-            if spec.kind is not RpcKind.UNARY_UNARY:
-                if spec.kind is not RpcKind.UNARY_STREAM:
-                    instruments.requests_per_rpc.record(self.received, attrs)
-                if sent is not None and spec.kind is not RpcKind.STREAM_UNARY:
-                    instruments.responses_per_rpc.record(sent, attrs)
-        if tools.access_log != "off" and (tools.sample_rate >= 1.0 or random.random() < tools.sample_rate):
+            if method.records_requests:
+                instruments.requests_per_rpc.record(self.received, attrs)
+            if sent is not None and method.records_responses:
+                instruments.responses_per_rpc.record(sent, attrs)
+        if method.access_log != "off" and (method.sample_rate >= 1.0 or random.random() < method.sample_rate):
             self._access_log(code, elapsed_ms)
+
+    def _record_error(self, span: trace.Span, code: grpc.StatusCode, exc: BaseException | None) -> None:
+        if exc is not None and not isinstance(exc, (StatusError, grpc.aio.AbortError, asyncio.CancelledError)):
+            span.record_exception(exc)
+        details = exc.message if isinstance(exc, StatusError) else self.context.details()
+        span.set_status(Status(StatusCode.ERROR, f"{code.name}: {details}" if details else code.name))
 
     def _access_log(self, code: grpc.StatusCode, elapsed_ms: float) -> None:
         span_context = self.span.get_span_context() if self.span is not None else None
         trace_id = f"{span_context.trace_id:032x}" if span_context and span_context.is_valid else _incoming_trace_id()
         record = {
-            "method": self.spec.path,
+            "method": self.method.path,
             "status": code.name,
             "duration_ms": round(elapsed_ms, 3),
             "peer": self.context.peer(),
             "trace_id": trace_id,
         }
         # The record carries its own trace id: the log format adds none (one JSON object per line).
-        if self.tools.access_log == "json":
+        if self.method.access_log == "json":
             access_logger.info(json.dumps(record, separators=(",", ":")), extra=_ACCESS)
         else:
             access_logger.info(" ".join(f"{k}={escape(v)}" for k, v in record.items() if v != ""), extra=_ACCESS)
@@ -218,53 +273,35 @@ class Observation:
 class _Tools:
     """Per-server telemetry objects, built once."""
 
-    PEER_CACHE = 4096  # (method, peer) attribute sets kept; peers repeat for a connection's life
-
-    def __init__(self, telemetry: Telemetry, specs: list[MethodSpec]) -> None:
+    def __init__(self, telemetry: Telemetry) -> None:
         self.tracer = trace.get_tracer("meshrpc", __version__) if telemetry.tracing else None
         self.fields = frozenset(propagate.get_global_textmap().fields)
         self.access_log = telemetry.access_log
         self.sample_rate = telemetry.access_log_sample_rate
-        self.span_names: dict[str, str] = {}
-        self.attrs: dict[str, dict[str, Any]] = {}
-        self.metric_attrs: dict[str, dict[str, Any]] = {}
-        for spec in specs:
-            key = spec.path
-            self.span_names[key] = f"{spec.service}/{spec.name}"
-            base = {"rpc.system": "grpc", "rpc.service": spec.service, "rpc.method": spec.name}
-            self.metric_attrs[key] = base
-            self.attrs[key] = {
-                **base,
-                "server.address": telemetry.server_address,
-                "server.port": telemetry.server_port,
-            }
-        self.instruments = _Instruments(self.metric_attrs) if telemetry.metrics else None
-        self._span_attrs: dict[tuple[str, str], dict[str, Any]] = {}
+        self.server_address = telemetry.server_address
+        self.server_port = telemetry.server_port
+        self.instruments = _Instruments() if telemetry.metrics else None
+        self._methods: dict[str, _Method] = {}
 
-    def span_attributes(self, path: str, peer: str) -> dict[str, Any]:
-        """A server span's attributes for ``path`` called from ``peer``, built once per pair.
-
-        The SDK copies what it is given, so one dict serves every span of a connection.
-        """
-        attributes = self._span_attrs.get((path, peer))
-        if attributes is None:
-            if len(self._span_attrs) >= self.PEER_CACHE:
-                self._span_attrs.clear()
-            host, port = _peer_address(peer)
-            attributes = {**self.attrs[path], "client.address": host}
-            if port is not None:
-                attributes["client.port"] = port
-            self._span_attrs[(path, peer)] = attributes
-        return attributes
+    def begin_for(self, spec: MethodSpec) -> Begin:
+        """How each RPC of ``spec`` begins its observation."""
+        method = self._methods.get(spec.path)
+        if method is None:
+            method = self._methods[spec.path] = _Method(self, spec)
+            if self.instruments is not None:
+                self.instruments.methods.append(method)
+        return functools.partial(Observation, method)
 
 
-# Begins an RPC's observation: called with the method and the RPC's context.
-Observe = Callable[[MethodSpec, grpc.aio.ServicerContext[Any, Any]], Observation]
+# Begins one RPC's observation, given the RPC's context (one per method).
+Begin = Callable[[grpc.aio.ServicerContext[Any, Any]], Observation]
+# Makes a method's Begin, once, when its handler is composed.
+Observe = Callable[[MethodSpec], Begin]
 
 
-def observer(telemetry: Telemetry, specs: list[MethodSpec]) -> Observe:
-    """How each RPC of ``specs`` is observed, as ``telemetry`` asks."""
-    return functools.partial(Observation, _Tools(telemetry, specs))
+def observer(telemetry: Telemetry) -> Observe:
+    """How the RPCs of each method are observed, as ``telemetry`` asks."""
+    return _Tools(telemetry).begin_for
 
 
 # A trace id as W3C and B3 write it: 32 (or, B3 only, 16) lowercase hex digits.  What
