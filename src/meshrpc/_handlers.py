@@ -94,13 +94,16 @@ async def _checked(
         yield request
 
 
-def _wrap(spec: MethodSpec, impl: Handler, inflight: InFlight, observe: Observe | None, chained: bool) -> Handler:
+def _wrap(
+    spec: MethodSpec, impl: Handler, inflight: InFlight, observe: Observe | None, chained: bool, generator: bool
+) -> Handler:
     """``impl`` with meshrpc's outer layer: checks, in-flight count, error mapping, telemetry.
 
     Telemetry is a begin/finish pair called here, not a layer of its own: it sees the
     status the client gets (a wrong reply type included) and adds no coroutine frame,
     and no generator per streamed message.  ``chained``: ``impl`` is the middleware
-    chain, which writes (and counts) a stream's replies itself.
+    chain, which writes (and counts) a stream's replies itself.  ``generator``: a
+    stream's handler must be an async generator (grpc.aio interceptors wrap it so).
     """
     kind = spec.kind
     abort_error = grpc.aio.AbortError
@@ -150,10 +153,11 @@ def _wrap(spec: MethodSpec, impl: Handler, inflight: InFlight, observe: Observe 
 
     if inspect.isasyncgenfunction(impl):
         # The user's generator is driven here and each reply written with
-        # context.write, rather than re-yielded to grpc through a second generator:
-        # that layer cost about 4 µs per message.  The wrapper stays an async
-        # generator (yielding nothing), the shape interceptors expect of a stream.
-        async def streaming(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
+        # context.write, rather than re-yielded to grpc through a second generator.
+        # The wrapper is a coroutine: grpc awaits it, and a write that waits for the
+        # transport suspends through one frame of meshrpc's, not through an async
+        # generator's as well (8 to 29 µs per 10-message stream under load).
+        async def streaming(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
             enter(context)
             if request.__class__ is _Malformed:
                 await context.abort(invalid, request.reason)
@@ -184,10 +188,8 @@ def _wrap(spec: MethodSpec, impl: Handler, inflight: InFlight, observe: Observe 
                 inflight.count -= 1
                 if obs is not None:
                     obs.finish(error, replies_written() if chained else sent)
-            return
-            yield
 
-        return streaming
+        return _as_generator(streaming) if generator else streaming
 
     # A coroutine that writes its replies with context.write(): meshrpc does not see them.
     async def writing(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
@@ -219,6 +221,18 @@ def _wrap(spec: MethodSpec, impl: Handler, inflight: InFlight, observe: Observe 
     return writing
 
 
+def _as_generator(handler: Handler) -> Handler:
+    """A stream's coroutine ``handler`` as an async generator yielding nothing: what
+    grpc.aio interceptors expect of a server-streaming handler when they wrap it."""
+
+    async def generating(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
+        await handler(request, context)
+        return
+        yield
+
+    return generating
+
+
 _FACTORIES = {
     RpcKind.UNARY_UNARY: grpc.unary_unary_rpc_method_handler,
     RpcKind.UNARY_STREAM: grpc.unary_stream_rpc_method_handler,
@@ -234,6 +248,7 @@ def method_handler(
     observe: Observe | None = None,
     middleware: tuple[Middleware, ...] = (),
     pool: concurrent.futures.Executor | None = None,
+    intercepted: bool = True,
 ) -> grpc.RpcMethodHandler[Any, Any]:
     """The grpc handler for ``spec``: the user's method inside meshrpc's layers.
 
@@ -241,6 +256,8 @@ def method_handler(
     ``middleware`` (those the method did not opt out of); the error mapping, with
     ``observe`` (telemetry) around everything.  ``inflight`` counts (and limits) the
     RPCs; without it, as for health and reflection, nothing is counted or limited.
+    ``intercepted``: the server has grpc.aio interceptors, so a stream's handler keeps
+    the async-generator shape they wrap; without them it is a plain coroutine.
     """
     chain: tuple[Middleware, ...] = ()
     if spec.impl is None:
@@ -254,7 +271,7 @@ def method_handler(
         chain = applicable(spec, middleware)
         if chain:
             impl = compose(spec, chain, impl)
-        handler = _wrap(spec, impl, inflight if inflight is not None else InFlight(), observe, bool(chain))
+        handler = _wrap(spec, impl, inflight if inflight is not None else InFlight(), observe, bool(chain), intercepted)
     factory: Any = _FACTORIES[spec.kind]
     result: grpc.RpcMethodHandler[Any, Any] = factory(
         handler,

@@ -11,11 +11,11 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-import grpc
 from google.protobuf import descriptor_pb2, descriptor_pool
 from grpc_reflection.v1alpha import reflection_pb2
 from grpc_reflection.v1alpha.reflection import aio as reflection_aio
 
+from ._dispatch import MethodTable
 from ._service import describe
 
 V1ALPHA = "grpc.reflection.v1alpha.ServerReflection"
@@ -46,15 +46,16 @@ def _register_v1_descriptor() -> None:
     pool.Add(proto)
 
 
-def add_reflection(server: grpc.aio.Server, service_names: Iterable[str]) -> tuple[str, ...]:
-    """Serve reflection for ``service_names`` and both reflection services themselves."""
+def add_reflection(table: MethodTable, service_names: Iterable[str], *, intercepted: bool) -> tuple[str, ...]:
+    """Serve reflection for ``service_names`` and both reflection services themselves
+    (``intercepted``: the server has grpc.aio interceptors, see ``method_handler``)."""
     _register_v1_descriptor()
     from ._handlers import method_handler  # the same body and error mapping as the app's methods
 
     names = (*service_names, V1ALPHA, V1)
     servicer: Any = reflection_aio.ReflectionServicer(names)
     (service,) = describe(servicer)
-    handlers = {m.name: method_handler(m) for m in service.methods}
+    handlers = {m.name: method_handler(m, intercepted=intercepted) for m in service.methods}
     for name in (V1ALPHA, V1):
-        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(name, handlers),))
+        table.add(name, handlers)
     return names

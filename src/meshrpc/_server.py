@@ -31,6 +31,7 @@ import grpc
 from . import _mesh, _metrics
 from ._bind import check_bindable
 from ._config import Config, env_name
+from ._dispatch import MethodTable
 from ._errors import AppError, BindError, ConfigError
 from ._handlers import InFlight, method_handler
 from ._health import HEALTH_SERVICE, CheckLog, Health, consume_outcome, poll_checks, run_checks
@@ -354,19 +355,24 @@ class Server:
     def _add_handlers(self, server: grpc.aio.Server, health: Health) -> list[str]:
         observe = self._observer()
         middleware, pool = self.app.middleware, self._thread_pool()
+        intercepted = bool(self.app.interceptors)
+        table = MethodTable()
         for service in self.app.services:
             handlers = {
-                m.name: method_handler(m, self._inflight, observe=observe, middleware=middleware, pool=pool)
+                m.name: method_handler(
+                    m, self._inflight, observe=observe, middleware=middleware, pool=pool, intercepted=intercepted
+                )
                 for m in service.methods
             }
-            _register(server, service.name, handlers)
+            table.add(service.name, handlers)
         # Health and reflection get the same malformed-body and error mapping, but no
         # middleware and no concurrency limit: probes must always be answered.
         for service in describe(health.servicer):
-            _register(server, service.name, {m.name: method_handler(m) for m in service.methods})
+            table.add(service.name, {m.name: method_handler(m, intercepted=intercepted) for m in service.methods})
         names = [*(s.name for s in self.app.services), HEALTH_SERVICE]
         if self.config.reflection:
-            names = list(add_reflection(server, names))
+            names = list(add_reflection(table, names, intercepted=intercepted))
+        server.add_generic_rpc_handlers((table,))
         return names
 
     def _thread_pool(self) -> concurrent.futures.ThreadPoolExecutor | None:
@@ -458,9 +464,3 @@ def _watchdog(after: float, reason: str, abandoned: Callable[[], str]) -> None:
     timer = threading.Timer(after, expire)
     timer.daemon = True
     timer.start()
-
-
-def _register(server: grpc.aio.Server, service: str, handlers: dict[str, grpc.RpcMethodHandler[Any, Any]]) -> None:
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, handlers),))
-    # Registered methods are matched by grpc's core, before any Python lookup.
-    server.add_registered_method_handlers(service, handlers)
