@@ -419,12 +419,17 @@ class Server:
         self.phase = "draining (grace)"
         self._inflight.cancelled = 0
         stopping = asyncio.ensure_future(self._grpc.stop(grace))
-        forced = asyncio.ensure_future(self._force.wait())
-        await asyncio.wait((stopping, forced), return_when=asyncio.FIRST_COMPLETED)
-        forced.cancel()
-        if not stopping.done():
+        if grace > 0:
+            forced = asyncio.ensure_future(self._force.wait())
+            await asyncio.wait((stopping, forced), return_when=asyncio.FIRST_COMPLETED)
+            forced.cancel()
+        if not stopping.done() and self._force.is_set():
             logger.warning("drain %s: stopping now, cancelling %d RPCs in flight", since(), self.in_flight)
-            await self._grpc.stop(0)
+            if grace > 0:
+                # A second stop cuts the first one's grace short.  Never two stops without
+                # a grace at once: grpc.aio's second may cancel the calls of a server the
+                # first has just destroyed, and the process dies of a segfault.
+                await self._grpc.stop(0)
         await stopping
         cancelled = self._inflight.cancelled
         logger.log(
