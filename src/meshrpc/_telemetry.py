@@ -88,20 +88,20 @@ class Telemetry:
         return self.tracing or self.metrics or self.access_log != "off"
 
 
-# Each status code's number, and whether a server span is an error for it, read once:
-# an enum's ``.value`` is a descriptor call, and this is asked once per RPC.
+# Each status code's number, read once: an enum's ``.value`` is a descriptor call, and
+# this is asked once per RPC.
 _CODE_NUMBERS = {code: code.value[0] for code in grpc.StatusCode}
 
 
 class _Instruments:
-    def __init__(self) -> None:
+    def __init__(self, methods: dict[str, _Method]) -> None:
         meter = metrics.get_meter("meshrpc", __version__)
         self.duration = meter.create_histogram(
             "rpc.server.duration", unit="ms", description="Measures the duration of inbound RPC."
         )
         # RPCs in flight per method, counted in plain ints and read when the SDK collects:
         # two synchronous add() calls per RPC cost about a third of all per-RPC telemetry.
-        self.methods: list[_Method] = []
+        self.methods = methods  # the server's, by path: each counts its own
         meter.create_observable_up_down_counter(
             "rpc.server.active_requests",
             callbacks=[self._observe_active],
@@ -116,7 +116,7 @@ class _Instruments:
         )
 
     def _observe_active(self, options: metrics.CallbackOptions) -> list[metrics.Observation]:
-        return [metrics.Observation(method.active, method.metric_attrs) for method in self.methods]
+        return [metrics.Observation(method.active, method.metric_attrs) for method in self.methods.values()]
 
 
 def _peer_address(peer: str) -> tuple[str, int | None]:
@@ -135,8 +135,6 @@ class _Method:
     PEER_CACHE = 4096  # attribute sets kept per method; peers repeat for a connection's life
 
     def __init__(self, tools: _Tools, spec: MethodSpec) -> None:
-        self.tools = tools
-        self.spec = spec
         self.path = spec.path
         self.tracer = tools.tracer
         self.fields = tools.fields
@@ -280,16 +278,14 @@ class _Tools:
         self.sample_rate = telemetry.access_log_sample_rate
         self.server_address = telemetry.server_address
         self.server_port = telemetry.server_port
-        self.instruments = _Instruments() if telemetry.metrics else None
         self._methods: dict[str, _Method] = {}
+        self.instruments = _Instruments(self._methods) if telemetry.metrics else None
 
     def begin_for(self, spec: MethodSpec) -> Begin:
         """How each RPC of ``spec`` begins its observation."""
         method = self._methods.get(spec.path)
         if method is None:
             method = self._methods[spec.path] = _Method(self, spec)
-            if self.instruments is not None:
-                self.instruments.methods.append(method)
         return functools.partial(Observation, method)
 
 
