@@ -1,4 +1,4 @@
-"""Benchmark: the same SayHello handler through raw grpc.aio and through meshrpc.
+"""Benchmark: the same bare greeter handlers (bench/app.py) through raw grpc.aio and meshrpc.
 
     python bench/bench.py [--requests N] [--rounds R] [--clients C] [--streams M]
 
@@ -56,7 +56,7 @@ def contenders(port: int) -> list[Contender]:
         Contender("raw grpc.aio", server("raw")),
         Contender(
             "meshrpc (defaults)",
-            [meshrpc, "serve", "examples.greeter.app:app", "--host", "127.0.0.1", "--port", str(port)],
+            [meshrpc, "serve", "bench.app:app", "--host", "127.0.0.1", "--port", str(port)],
             {"MESHRPC_MESH": "none", "MESHRPC_LOG_LEVEL": "warning"},
         ),
         Contender("meshrpc + middleware", server("meshrpc-middleware")),

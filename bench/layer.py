@@ -23,8 +23,9 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.app import BareGreeter as Greeter  # noqa: E402
+from bench.app import app  # noqa: E402
 from examples._generated.helloworld import helloworld_pb2  # noqa: E402
-from examples.greeter.app import Greeter, app  # noqa: E402
 from meshrpc._handlers import InFlight, method_handler  # noqa: E402
 
 

@@ -2,7 +2,7 @@
 
     python -m bench.servers CONTENDER PORT
 
-raw               grpc.aio wired by hand with the greeter's own handlers (the ceiling)
+raw               grpc.aio wired by hand with bench/app.py's bare handlers (the ceiling)
 raw-otel-contrib  the same, with opentelemetry-instrumentation-grpc's aio server instrumentor
 raw-sdk-floor     raw grpc.aio whose handlers do, inline, the least tracing work (the SDK's floor
                   under load); raw-production-floor: the same with the production profile's SDK
@@ -84,7 +84,7 @@ async def until_sigterm() -> None:
 
 async def raw(port: int) -> None:
     # Imported here: grpclib's own health proto must not meet grpcio's in one process.
-    from examples.greeter.app import Greeter
+    from bench.app import BareGreeter as Greeter
 
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
     helloworld_pb2_grpc.add_GreeterServicer_to_server(Greeter(), server)
@@ -107,7 +107,7 @@ def floor_servicer(production: bool, port: int) -> Any:
 
     from opentelemetry import metrics, propagate, trace
 
-    from examples.greeter.app import Greeter
+    from bench.app import BareGreeter as Greeter
 
     tracer = trace.get_tracer("floor")
     meter = metrics.get_meter("floor")
@@ -185,7 +185,7 @@ async def raw_otel_contrib(port: int) -> None:
 
 
 async def meshrpc_traced(port: int) -> None:
-    from examples.greeter.app import app
+    from bench.app import app
 
     tracing_sdk()
     # As `meshrpc serve` runs it: meshrpc owns the loop and handles SIGTERM.
@@ -202,7 +202,7 @@ def log_to_devnull() -> None:
 
 
 async def meshrpc_production(port: int) -> None:
-    from examples.greeter.app import app
+    from bench.app import app
 
     production_sdk()
     log_to_devnull()
@@ -220,7 +220,7 @@ async def meshrpc_production(port: int) -> None:
 
 async def meshrpc_middleware(port: int) -> None:
     import meshrpc
-    from examples.greeter.app import Greeter
+    from bench.app import BareGreeter as Greeter
 
     async def nothing(call: meshrpc.Call, call_next: meshrpc.CallNext) -> None:
         await call_next(call)
