@@ -84,6 +84,12 @@ async def test_malformed_body_is_invalid_argument(echo_server: testing.TestServe
         await raw(b"\xff\xff\xff\xff")
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert info.value.details() == "request is not a valid echo.EchoRequest"
+    server_stream = echo_server.channel.unary_stream("/echo.Echo/ServerStream")
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        async for _ in server_stream(b"\xff\xff\xff\xff"):
+            pass
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert info.value.details() == "request is not a valid echo.EchoRequest"
     bidi = echo_server.channel.stream_stream("/echo.Echo/BidiStream")
     call = bidi()
     await call.write(b"\x0a\x02ok")  # a valid EchoRequest(text="ok")

@@ -103,6 +103,28 @@ async def test_interceptors_and_middleware_together() -> None:
     assert replies == ["x", "x", "x"] and order == ["interceptor", "middleware"]
 
 
+async def test_interceptors_see_parsed_requests_and_malformed_ones_are_refused() -> None:
+    seen: list[Any] = []
+
+    class Recorder(AsyncServerInterceptor):  # type: ignore[misc]
+        async def intercept(self, method: Any, request: Any, context: Any, method_name: str) -> Any:
+            seen.append(request)
+            response = method(request, context)
+            return response if hasattr(response, "__aiter__") else await response
+
+    app = meshrpc.App("recorded", services=[Echo()], interceptors=[Recorder()])
+    async with testing.running(app) as server:
+        stub = echo_pb2_grpc.EchoStub(server.channel)
+        assert (await stub.Unary(echo_pb2.EchoRequest(text="hi"))).text == "hi"
+        assert await _collect(stub.ServerStream(echo_pb2.EchoRequest(text="s", count=2))) == ["s", "s"]
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await server.channel.unary_unary("/echo.Echo/Unary")(b"\xff\xff\xff\xff")
+    # An interceptor reads the request as a message, never as the bytes off the wire.
+    assert [request.text for request in seen[:2]] == ["hi", "s"]
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert info.value.details() == "request is not a valid echo.EchoRequest"
+
+
 async def test_a_setting_puts_health_behind_the_interceptors_too() -> None:
     app = meshrpc.App("strict", services=[Echo()], interceptors=[TokenAuth()], intercept_builtins=True)
     async with testing.serve(app) as channel:
