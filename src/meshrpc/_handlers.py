@@ -98,16 +98,14 @@ async def _checked(
         yield request
 
 
-def parses_request(spec: MethodSpec, intercepted: bool) -> bool:
-    """Whether meshrpc's handler parses ``spec``'s request itself, from the bytes grpc
-    hands it: a single request, with no grpc.aio interceptor before the handler (they
-    read it parsed).  A stream's messages are parsed by grpc, as ``context.read()``
-    gives them."""
-    return not intercepted and spec.kind in (RpcKind.UNARY_UNARY, RpcKind.UNARY_STREAM)
-
-
 def _wrap(
-    spec: MethodSpec, impl: Handler, inflight: InFlight, observe: Observe | None, chained: bool, intercepted: bool
+    spec: MethodSpec,
+    impl: Handler,
+    inflight: InFlight,
+    observe: Observe | None,
+    chained: bool,
+    intercepted: bool,
+    parse: Callable[[bytes], Any] | None,
 ) -> Handler:
     """``impl`` with meshrpc's outer layer: checks, in-flight count, error mapping, telemetry.
 
@@ -116,7 +114,7 @@ def _wrap(
     and no generator per streamed message.  ``chained``: ``impl`` is the middleware
     chain, which writes (and counts) a stream's replies itself.  ``intercepted``: the
     server has grpc.aio interceptors, so a stream's handler must be an async generator
-    (they wrap it so) and a request reaches the handler parsed (they read it).
+    (they wrap it so).  ``parse``: the request comes as bytes, for this layer to parse.
     The three shapes below repeat one prologue inline, on purpose: a shared helper
     would be one more coroutine call per RPC, which is what the prologue costs.
     """
@@ -128,9 +126,6 @@ def _wrap(
     invalid = grpc.StatusCode.INVALID_ARGUMENT
     reply_class = spec.response_type
     begin = observe(spec) if observe is not None else None
-    # A single request is parsed here, not by a deserializer grpc calls: one Python
-    # function fewer per RPC.  Not when interceptors read the request before this handler.
-    parse = spec.request_type.FromString if parses_request(spec, intercepted) else None
     malformed = _malformed_reason(spec)
 
     if kind in (RpcKind.UNARY_UNARY, RpcKind.STREAM_UNARY):
@@ -291,8 +286,14 @@ def method_handler(
     ``observe`` (telemetry) around everything.  ``inflight`` counts (and limits) the
     RPCs; without it, as for health and reflection, nothing is counted or limited.
     ``intercepted``: the server has grpc.aio interceptors, so a stream's handler keeps
-    the async-generator shape they wrap; without them it is a plain coroutine.
+    the async-generator shape they wrap, and grpc parses every request because they
+    read it; without them a stream's handler is a plain coroutine.
     """
+    # A single request is parsed by meshrpc's handler, not by a deserializer grpc calls:
+    # one Python function fewer per RPC.  A client stream's messages are parsed by grpc,
+    # as context.read() gives them, and so is any request interceptors read first.
+    single = spec.kind in (RpcKind.UNARY_UNARY, RpcKind.UNARY_STREAM)
+    parse = spec.request_type.FromString if single and not intercepted else None
     chain: tuple[Middleware, ...] = ()
     if spec.impl is None:
         handler = _unimplemented(spec)
@@ -305,11 +306,12 @@ def method_handler(
         chain = applicable(spec, middleware)
         if chain:
             impl = compose(spec, chain, impl)
-        handler = _wrap(spec, impl, inflight if inflight is not None else InFlight(), observe, bool(chain), intercepted)
+        counted = inflight if inflight is not None else InFlight()
+        handler = _wrap(spec, impl, counted, observe, bool(chain), intercepted, parse)
     factory: Any = _FACTORIES[spec.kind]
     result: grpc.RpcMethodHandler[Any, Any] = factory(
         handler,
-        request_deserializer=None if parses_request(spec, intercepted) else _deserializer(spec),
+        request_deserializer=None if parse is not None else _deserializer(spec),
         response_serializer=spec.response_type.SerializeToString,
     )
     return result
