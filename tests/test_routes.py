@@ -294,11 +294,12 @@ def test_app_without_services_is_an_error() -> None:
 
 
 def test_grace_period_follows_the_app_settings() -> None:
-    assert grace_period(meshrpc.Config(drain_delay=5, grace=20)) == 30
-    assert grace_period(meshrpc.Config(drain_delay=10, grace=50.5)) == 66
+    # drain delay + grace + shutdown timeout (4) + the exit margin (2), rounded up, + 1
+    assert grace_period(meshrpc.Config(drain_delay=5, grace=20)) == 32
+    assert grace_period(meshrpc.Config(drain_delay=10, grace=50.5)) == 68
     result = routes("examples.greeter.app:app", "--drain-delay", "10", "--grace", "50")
     kinds = by_kind(documents(result.stdout))
-    assert kinds["Deployment"]["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] == 65
+    assert kinds["Deployment"]["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] == 67
 
 
 @pytest.mark.parametrize(

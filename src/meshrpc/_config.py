@@ -14,8 +14,13 @@ import types
 import typing
 from collections.abc import Mapping
 from typing import Any, Literal, Union
+from urllib.parse import urlsplit
 
 from ._errors import ConfigError
+
+# Seconds a process meshrpc runs gets past drain delay + grace + shutdown timeout to end:
+# leftover tasks and threads are given what is left of it, then abandoned.
+EXIT_MARGIN = 2.0
 
 ENV_PREFIX = "MESHRPC_"
 MeshMode = Literal["auto", "istio-sidecar", "ambient", "none"]
@@ -197,11 +202,13 @@ class Config:
         )
         for name in ("sidecar_ready_url", "sidecar_quit_url"):
             value = getattr(self, name)
-            _require(
-                value.startswith("http://"),
-                name,
-                f"must be an http:// URL, got {value!r}",
-            )
+            _require(_is_http_url(value), name, f"must be an http://HOST[:PORT]/PATH URL, got {value!r}")
+
+    @property
+    def exit_budget(self) -> float:
+        """Seconds from the first stop signal to the process's exit, at most: drain delay +
+        grace + shutdown timeout + :data:`EXIT_MARGIN` for the last leftovers."""
+        return self.drain_delay + self.grace + self.shutdown_timeout + EXIT_MARGIN
 
     @property
     def address(self) -> str:
@@ -242,6 +249,16 @@ def _check_types(config: Config) -> None:
 
 def _where(name: str) -> str:
     return f"{name} ({env_name(name)} / --{name.replace('_', '-')})"
+
+
+def _is_http_url(value: str) -> bool:
+    """An ``http://`` URL with a host and, if any, a port in 1..65535 (what the tiny HTTP client can ask)."""
+    try:
+        parts = urlsplit(value)
+        port = parts.port  # raises ValueError out of range
+    except ValueError:
+        return False
+    return parts.scheme == "http" and bool(parts.hostname) and (port is None or port > 0)
 
 
 def _require(ok: bool, name: str, problem: str) -> None:

@@ -19,6 +19,44 @@ from grpc_status import rpc_status
 DETAILS_KEY = "grpc-status-details-bin"
 
 
+# What an error's status message and details may take on the wire.  grpc clients refuse
+# trailers past their metadata limit (8 KiB by default, "received metadata size exceeds
+# limit") and the caller then gets RESOURCE_EXHAUSTED instead of the status it was sent,
+# with nothing logged on the server.  Kept well under that, with room for other trailers.
+MESSAGE_BUDGET = 2048  # bytes of the percent-encoded grpc-message
+TRAILER_BUDGET = 7000  # bytes of grpc-message and the base64 grpc-status-details-bin together
+
+
+def encoded_size(message: str) -> int:
+    """The size of ``message`` as the grpc-message header carries it (percent-encoded UTF-8)."""
+    return sum(1 if 0x20 <= b <= 0x7E and b != 0x25 else 3 for b in message.encode())
+
+
+def fit_message(message: str) -> str:
+    """``message``, cut (with an ellipsis) to what :data:`MESSAGE_BUDGET` allows."""
+    if len(message) * 3 <= MESSAGE_BUDGET or encoded_size(message) <= MESSAGE_BUDGET:
+        return message
+    low, high = 0, len(message)
+    while low < high:  # the longest prefix that fits with the ellipsis
+        mid = (low + high + 1) // 2
+        if encoded_size(message[:mid]) + 9 <= MESSAGE_BUDGET:
+            low = mid
+        else:
+            high = mid - 1
+    return message[:low] + "…"
+
+
+def fit_details(code: grpc.StatusCode, message: str, details: Sequence[Message]) -> tuple[Message, ...]:
+    """The leading ``details`` whose trailer fits :data:`TRAILER_BUDGET` beside ``message``."""
+    kept = tuple(details)
+    while kept:
+        size = len(status_trailer(code, message, kept)[0][1])
+        if encoded_size(message) + 4 * -(-size // 3) <= TRAILER_BUDGET:
+            break
+        kept = kept[:-1]
+    return kept
+
+
 def status_trailer(code: grpc.StatusCode, message: str, details: Sequence[Message]) -> tuple[tuple[str, bytes], ...]:
     """The trailing metadata that carries ``details`` for an RPC ending with ``code``."""
     packed = []

@@ -45,12 +45,32 @@ def final_code(context: grpc.aio.ServicerContext[Any, Any], exc: BaseException |
 async def fail(context: grpc.aio.ServicerContext[Any, Any], spec: MethodSpec, exc: BaseException) -> None:
     """Answer the client for an exception a handler raised; never returns."""
     if isinstance(exc, StatusError):
+        from ._details import fit_details, fit_message
+
+        message = fit_message(exc.message)
+        if message is not exc.message:
+            logger.warning(
+                "%s: the status message of its %s (%d characters) is cut to fit a trailer",
+                spec.path,
+                exc.code.name,
+                len(exc.message),
+            )
         if exc.details:
             from ._details import status_trailer
 
-            trailer = status_trailer(exc.code, exc.message, exc.details)
-            await context.abort(exc.code, exc.message, trailing_metadata=trailer)
-        await context.abort(exc.code, exc.message)
+            details = fit_details(exc.code, message, exc.details)
+            if len(details) < len(exc.details):
+                logger.warning(
+                    "%s: %d of the %d error details of its %s are dropped: they do not fit a trailer "
+                    "(clients refuse trailers past 8 KiB)",
+                    spec.path,
+                    len(exc.details) - len(details),
+                    len(exc.details),
+                    exc.code.name,
+                )
+            if details:
+                await context.abort(exc.code, message, trailing_metadata=status_trailer(exc.code, message, details))
+        await context.abort(exc.code, message)
     logger.error("unhandled exception in %s", spec.path, exc_info=exc)
     await context.abort(grpc.StatusCode.INTERNAL, INTERNAL_DETAILS)
 

@@ -22,7 +22,7 @@ from ._middleware import Middleware, applicable, compose, replies_written
 from ._rpc_context import current_rpc
 from ._service import MethodSpec, RpcKind
 from ._sync import adapt, is_sync
-from ._telemetry import Observation, Observe
+from ._telemetry import Begin, Observation, Observe
 
 Handler = Callable[..., Any]
 
@@ -71,9 +71,26 @@ def _deserializer(spec: MethodSpec) -> Callable[[bytes], Any]:
     return deserialize
 
 
-async def _over_limit(context: grpc.aio.ServicerContext[Any, Any], inflight: InFlight) -> None:
-    await context.abort(
-        grpc.StatusCode.RESOURCE_EXHAUSTED, f"the server is serving its limit of {inflight.limit} concurrent RPCs"
+async def _refuse(
+    context: grpc.aio.ServicerContext[Any, Any], begin: Begin | None, code: grpc.StatusCode, details: str
+) -> None:
+    """Answer ``code`` before the handler runs, observed as any RPC is (a span, the
+    metrics, an access-log line): shed load and bad input are when operators look."""
+    obs = begin(context) if begin is not None else None
+    try:
+        await context.abort(code, details)
+    except grpc.aio.AbortError as exc:
+        if obs is not None:
+            obs.finish(exc, None)
+        raise
+
+
+async def _over_limit(context: grpc.aio.ServicerContext[Any, Any], inflight: InFlight, begin: Begin | None) -> None:
+    await _refuse(
+        context,
+        begin,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        f"the server is serving its limit of {inflight.limit} concurrent RPCs",
     )
 
 
@@ -137,11 +154,11 @@ def _wrap(
                 try:
                     request = parse(request)
                 except DecodeError:
-                    await context.abort(invalid, malformed)
+                    await _refuse(context, begin, invalid, malformed)
             elif request.__class__ is _Malformed:  # a unary request only: a stream's are checked as read
-                await context.abort(invalid, request.reason)
+                await _refuse(context, begin, invalid, request.reason)
             if inflight.count >= inflight.limit:
-                await _over_limit(context, inflight)
+                await _over_limit(context, inflight, begin)
             inflight.count += 1
             obs = begin(context) if begin is not None else None
             error: BaseException | None = None
@@ -165,6 +182,7 @@ def _wrap(
                 if obs is not None:
                     obs.finish(error, None)
 
+        _WRAPPERS.add(replying.__code__)
         return replying
 
     def first_arg(request: Any, context: grpc.aio.ServicerContext[Any, Any], obs: Observation | None) -> Any:
@@ -182,11 +200,11 @@ def _wrap(
                 try:
                     request = parse(request)
                 except DecodeError:
-                    await context.abort(invalid, malformed)
+                    await _refuse(context, begin, invalid, malformed)
             elif request.__class__ is _Malformed:
-                await context.abort(invalid, request.reason)
+                await _refuse(context, begin, invalid, request.reason)
             if inflight.count >= inflight.limit:
-                await _over_limit(context, inflight)
+                await _over_limit(context, inflight, begin)
             inflight.count += 1
             obs = begin(context) if begin is not None else None
             error: BaseException | None = None
@@ -213,6 +231,7 @@ def _wrap(
                 if obs is not None:
                     obs.finish(error, replies_written() if chained else sent)
 
+        _WRAPPERS.add(streaming.__code__)
         return _as_generator(streaming) if intercepted else streaming
 
     # A coroutine that writes its replies with context.write(): meshrpc does not see them.
@@ -222,11 +241,11 @@ def _wrap(
             try:
                 request = parse(request)
             except DecodeError:
-                await context.abort(invalid, malformed)
+                await _refuse(context, begin, invalid, malformed)
         elif request.__class__ is _Malformed:
-            await context.abort(invalid, request.reason)
+            await _refuse(context, begin, invalid, request.reason)
         if inflight.count >= inflight.limit:
-            await _over_limit(context, inflight)
+            await _over_limit(context, inflight, begin)
         inflight.count += 1
         obs = begin(context) if begin is not None else None
         error: BaseException | None = None
@@ -247,7 +266,26 @@ def _wrap(
             if obs is not None:
                 obs.finish(error, None)
 
+    _WRAPPERS.add(writing.__code__)
     return writing
+
+
+_WRAPPERS: set[Any] = set()  # the code objects of the wrappers above, for running_rpcs()
+
+
+def running_rpcs() -> list[str]:
+    """The methods of the RPCs whose handlers are still running, found by their wrappers'
+    live coroutines: for the log line that names what an exit abandons.  Slow (a walk
+    of every object the collector tracks), so only ever called on that way out."""
+    import gc
+
+    found = []
+    for obj in gc.get_objects():
+        if inspect.iscoroutine(obj) and obj.cr_code in _WRAPPERS and obj.cr_frame is not None:
+            spec = obj.cr_frame.f_locals.get("spec")
+            if isinstance(spec, MethodSpec):
+                found.append(spec.path)
+    return sorted(found)
 
 
 def _as_generator(handler: Handler) -> Handler:

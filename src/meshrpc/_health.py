@@ -83,7 +83,7 @@ class Health:
         self.proxy_ready = True
         self.checks_ok = True
         self.draining = False
-        self._published: bool | None = None
+        self._published: tuple[bool, str] | None = None
 
     @property
     def ready(self) -> bool:
@@ -93,21 +93,24 @@ class Health:
         """Set every readiness name to what :attr:`ready` says, liveness to SERVING."""
         await self.servicer.set(self._liveness, SERVING)
         ready = self.ready
-        if ready == self._published:
+        published = (ready, "" if ready else self._why_not())
+        if published == self._published:
             return
-        self._published = ready
-        status = SERVING if ready else NOT_SERVING
-        for name in self._readiness_names:
-            await self.servicer.set(name, status)
-        logger.info("readiness %s", "SERVING" if ready else f"NOT_SERVING ({self._why_not()})")
+        changed = self._published is None or self._published[0] != ready
+        self._published = published
+        if changed:
+            status = SERVING if ready else NOT_SERVING
+            for name in self._readiness_names:
+                await self.servicer.set(name, status)
+        logger.info("readiness %s", "SERVING" if ready else f"NOT_SERVING ({published[1]})")
 
     def _why_not(self) -> str:
         if self.draining:
             return "draining"
-        if not self.started:
-            return "starting up"
         if not self.proxy_ready:
             return "waiting for the sidecar"
+        if not self.started:
+            return "starting up"
         return "a readiness check fails"
 
     async def update(self, **changes: bool) -> None:
@@ -147,6 +150,19 @@ class CheckLog:
             logger.info("readiness check %s passes again after %.0fs", name, time.monotonic() - previous[1])
 
 
+class _Escaped(Exception):
+    """A check raised SystemExit or KeyboardInterrupt: a failing check, not the process's end."""
+
+
+async def _guarded(check: ReadinessCheck) -> Any:
+    # asyncio re-raises a task's SystemExit and KeyboardInterrupt out of the event loop,
+    # ending the process with nothing logged; a check that raises one only fails.
+    try:
+        return await check()
+    except (SystemExit, KeyboardInterrupt) as exc:
+        raise _Escaped() from exc
+
+
 async def _run_check(name: str, check: ReadinessCheck, timeout: float, log: CheckLog) -> bool:
     stuck = log.stuck.get(name)
     if stuck is not None and not stuck.done():
@@ -154,7 +170,7 @@ async def _run_check(name: str, check: ReadinessCheck, timeout: float, log: Chec
         return False
     # Not wait_for: it waits for the cancelled check to end, for ever when the check
     # swallows the cancellation.  The timeout holds whether the check cooperates or not.
-    task = asyncio.ensure_future(check())
+    task = asyncio.ensure_future(_guarded(check))
     await asyncio.wait((task,), timeout=timeout)
     if not task.done():
         task.cancel()
@@ -168,7 +184,8 @@ async def _run_check(name: str, check: ReadinessCheck, timeout: float, log: Chec
         log.failed(name, "was cancelled")
         return False
     except Exception as exc:
-        log.failed(name, f"raised {type(exc).__name__}: {exc}", exc)
+        raised = exc.__cause__ if isinstance(exc, _Escaped) and exc.__cause__ is not None else exc
+        log.failed(name, f"raised {type(raised).__name__}: {raised}", raised)
         return False
     if result is False:
         log.failed(name, "returned False")

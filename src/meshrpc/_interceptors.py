@@ -8,12 +8,18 @@ therefore wrapped to pass those two services straight to their handlers.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Iterable
+import asyncio
+import inspect
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import Any
 
 import grpc
 
 from ._errors import AppError
+from ._failures import INTERNAL_DETAILS
+
+logger = logging.getLogger("meshrpc.handlers")
 
 BUILTIN_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 Continuation = Callable[[grpc.HandlerCallDetails], Awaitable["grpc.RpcMethodHandler[Any, Any] | None"]]
@@ -37,22 +43,102 @@ def check_interceptors(interceptors: Iterable[Any]) -> tuple[grpc.aio.ServerInte
     return tuple(checked)
 
 
-class AppServicesOnly(grpc.aio.ServerInterceptor):
-    """``interceptor`` for every method but health and reflection's."""
+def _name(interceptor: object) -> str:
+    return type(interceptor).__qualname__
 
-    def __init__(self, interceptor: grpc.aio.ServerInterceptor) -> None:
+
+class _Guarded(grpc.aio.ServerInterceptor):
+    """``interceptor``, with what it raises answered INTERNAL, as a handler's exception is.
+
+    grpc.aio answers an interceptor's exception with UNKNOWN and the exception's text
+    (internals the client must not see), and a ``SystemExit`` or ``KeyboardInterrupt``
+    raised on the event loop ends the process with no log and no drain.  Both places an
+    interceptor's code runs are guarded: ``intercept_service`` itself, and the
+    behaviours of the handler it returns (its wrapper around the next handler).
+    ``builtins`` false: health and reflection pass it by.
+    """
+
+    CACHE = 1024  # wrapped handlers kept: an interceptor usually returns the same few
+
+    def __init__(self, interceptor: grpc.aio.ServerInterceptor, *, builtins: bool) -> None:
         self.interceptor = interceptor
+        self.builtins = builtins
+        self.name = _name(interceptor)
+        self._wrapped: dict[Any, grpc.RpcMethodHandler[Any, Any]] = {}
 
     async def intercept_service(
         self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
     ) -> grpc.RpcMethodHandler[Any, Any] | None:
         method: str = handler_call_details.method or ""
-        if method.startswith(BUILTIN_PREFIXES):
+        if not self.builtins and method.startswith(BUILTIN_PREFIXES):
             return await continuation(handler_call_details)
-        handler: grpc.RpcMethodHandler[Any, Any] | None = await self.interceptor.intercept_service(
-            continuation, handler_call_details
-        )
-        return handler
+        try:
+            handler: grpc.RpcMethodHandler[Any, Any] | None = await self.interceptor.intercept_service(
+                continuation, handler_call_details
+            )
+        except (asyncio.CancelledError, grpc.aio.AbortError):
+            raise
+        except BaseException as exc:
+            logger.error("interceptor %s failed for %s", self.name, method, exc_info=exc)
+            return _failing()
+        if handler is None:
+            return None
+        wrapped = self._wrapped.get(handler)
+        if wrapped is None:
+            if len(self._wrapped) >= self.CACHE:
+                self._wrapped.clear()
+            wrapped = self._wrapped[handler] = _guard_handler(handler, self.name, method)
+        return wrapped
+
+
+def _failing() -> grpc.RpcMethodHandler[Any, Any]:
+    async def internal(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        await context.abort(grpc.StatusCode.INTERNAL, INTERNAL_DETAILS)
+
+    # Whatever the method's kind: the request stream is never read, so its shape does not matter.
+    return grpc.stream_unary_rpc_method_handler(internal)
+
+
+def _guard_handler(handler: grpc.RpcMethodHandler[Any, Any], name: str, method: str) -> grpc.RpcMethodHandler[Any, Any]:
+    """``handler`` with its behaviour's own exceptions (not the aborts that meshrpc's
+    handler inside it answered with) logged and answered INTERNAL."""
+
+    async def failed(context: grpc.aio.ServicerContext[Any, Any], exc: BaseException) -> None:
+        logger.error("interceptor %s failed for %s", name, method, exc_info=exc)
+        await context.abort(grpc.StatusCode.INTERNAL, INTERNAL_DETAILS)
+
+    def guard(behavior: Any) -> Any:
+        if inspect.isasyncgenfunction(behavior):
+
+            async def generating(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
+                try:
+                    async for reply in behavior(request, context):
+                        yield reply
+                except PASSED:
+                    raise
+                except BaseException as exc:
+                    await failed(context, exc)
+
+            return generating
+        if inspect.iscoroutinefunction(behavior):
+
+            async def returning(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+                try:
+                    return await behavior(request, context)
+                except PASSED:
+                    raise
+                except BaseException as exc:
+                    await failed(context, exc)
+
+            return returning
+        return behavior  # a plain function: grpc.aio runs it in its own thread pool, where nothing escapes
+
+    fields = ("unary_unary", "unary_stream", "stream_unary", "stream_stream")
+    return handler._replace(**{f: guard(getattr(handler, f)) for f in fields if getattr(handler, f) is not None})  # type: ignore[attr-defined,no-any-return]
+
+
+# What passes through a guard untouched: cancellation, and the aborts that answered the call.
+PASSED = (asyncio.CancelledError, grpc.aio.AbortError)
 
 
 def server_interceptors(
@@ -61,4 +147,4 @@ def server_interceptors(
     """What to give ``grpc.aio.server(interceptors=...)``: None when there are none (no per-RPC cost)."""
     if not interceptors:
         return None
-    return list(interceptors) if builtins else [AppServicesOnly(i) for i in interceptors]
+    return [_Guarded(i, builtins=builtins) for i in interceptors]

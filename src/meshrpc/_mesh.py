@@ -200,12 +200,21 @@ async def wait_for_sidecar(
         delay = min(delay * 2, 1.0)
 
 
-async def quit_sidecar(url: str = "http://127.0.0.1:15020/quitquitquit", timeout: float = 5.0) -> bool:
+async def quit_sidecar(url: str | None = None, timeout: float = 5.0) -> bool:
     """Ask the Istio sidecar to exit, for a batch app that has finished its work.
 
-    Returns True when the sidecar accepted, False when none answered (no mesh).
-    Never call it from a server: the sidecar must outlive the drain.
+    ``url`` defaults to the ``sidecar_quit_url`` setting (``MESHRPC_SIDECAR_QUIT_URL``,
+    else ``http://127.0.0.1:15020/quitquitquit``).  Returns True when the sidecar
+    accepted, False when none answered (no mesh).  Never call it from a server: the
+    sidecar must outlive the drain.
     """
+    if url is None:
+        import os
+
+        from ._config import from_env
+
+        # A batch job calls this from its own main: this call is the edge where the setting is read.
+        url = Config(**from_env(os.environ)).sidecar_quit_url
     try:
         status = await http_status(url, method="POST", timeout=timeout)
     except (TimeoutError, OSError):

@@ -9,8 +9,9 @@ and serves prometheus-client's registry, which also carries the process collecto
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import logging
-import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -44,20 +45,91 @@ def install_meter_provider(service_name: str, reader: Any) -> Callable[[], None]
 
 
 class MetricsEndpoint:
-    """prometheus-client's HTTP server on its own daemon thread; closed when meshrpc exits."""
+    """``GET /metrics`` served on the event loop: no thread per connection.
+
+    prometheus-client's own server spends a thread per connection with no timeouts, so
+    a thousand idle connections to the metrics port took a thousand threads and the
+    process's file descriptors, and the gRPC listener stopped accepting.  Here each
+    connection is a coroutine with a read timeout; at most :data:`MAX_CONNECTIONS` are
+    open at once, and a new one past the cap closes the oldest that has not yet sent
+    its request (so idle connections cannot lock Prometheus out); the registry is
+    rendered in a single worker thread, so a slow collection never stalls the loop.
+    """
+
+    MAX_CONNECTIONS = 32
+    READ_TIMEOUT = 5.0  # seconds for a request's line and headers
+    MAX_HEADER_BYTES = 16 * 1024
 
     def __init__(self, host: str, port: int) -> None:
         try:
-            from prometheus_client import start_http_server
+            from prometheus_client import REGISTRY, exposition
         except ImportError:
             raise ConfigError(MISSING_EXTRA) from None
+        self._registry = REGISTRY
+        self._exposition = exposition
+        self._host, self._requested_port = host, port
+        self._server: asyncio.AbstractServer | None = None
+        self._open = 0
+        self._idle: dict[asyncio.StreamWriter, None] = {}  # connections still reading their request, oldest first
+        self._render = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="meshrpc-metrics")
+        self.port = port
+
+    async def start(self) -> None:
         try:
-            self._server, self._thread = start_http_server(port, addr=host)
+            self._server = await asyncio.start_server(
+                self._serve, self._host or None, self._requested_port, limit=self.MAX_HEADER_BYTES
+            )
         except OSError as exc:
-            raise BindError(f"cannot serve /metrics on {host}:{port}: {exc.strerror}") from None
-        self.port: int = self._server.server_port
+            raise BindError(f"cannot serve /metrics on {self._host}:{self._requested_port}: {exc.strerror}") from None
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self._open >= self.MAX_CONNECTIONS:
+            if not self._idle:
+                writer.transport.abort()  # every slot is rendering an answer: refused
+                return
+            oldest = next(iter(self._idle))
+            del self._idle[oldest]
+            oldest.transport.abort()  # its reader fails at once and frees its slot
+        self._open += 1
+        self._idle[writer] = None
+        try:
+            await asyncio.wait_for(self._answer(reader, writer), self.READ_TIMEOUT * 2)
+        except (asyncio.TimeoutError, OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError):
+            pass  # a slow, silent or broken client: dropped
+        finally:
+            self._idle.pop(writer, None)
+            self._open -= 1
+            writer.close()
+
+    async def _answer(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), self.READ_TIMEOUT)
+        self._idle.pop(writer, None)
+        request_line, *header_lines = head.decode("latin-1").split("\r\n")
+        method, _, rest = request_line.partition(" ")
+        path = rest.partition(" ")[0].partition("?")[0]
+        headers = {}
+        for line in header_lines:
+            name, sep, value = line.partition(":")
+            if sep:
+                headers[name.strip().lower()] = value.strip()
+        if method not in ("GET", "HEAD"):
+            status, content_type, body = "405 Method Not Allowed", "text/plain", b"only GET and HEAD\n"
+        elif path not in ("/metrics", "/"):
+            status, content_type, body = "404 Not Found", "text/plain", b"metrics are at /metrics\n"
+        else:
+            encoder, content_type = self._exposition.choose_encoder(headers.get("accept", ""))
+            loop = asyncio.get_running_loop()
+            body = await loop.run_in_executor(self._render, encoder, self._registry)
+            status = "200 OK"
+        head_out = (
+            f"HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+        ).encode()
+        writer.write(head_out if method == "HEAD" else head_out + body)
+        await writer.drain()
 
     def close(self) -> None:
-        # shutdown() waits for serve_forever to return: at most one poll interval (0.5 s).
-        threading.Thread(target=self._server.shutdown, daemon=True).start()
-        self._server.server_close()
+        if self._server is not None:
+            self._server.close()
+        self._render.shutdown(wait=False, cancel_futures=True)

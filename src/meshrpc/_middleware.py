@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextvars
 import inspect
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import Any, Protocol, TypeVar
 
@@ -26,13 +27,14 @@ import grpc
 from . import _mesh
 from ._caller import Caller, caller_of
 from ._errors import AppError
-from ._failures import final_code, wrong_reply
+from ._failures import INTERNAL_DETAILS, final_code, wrong_reply
 from ._rpc_context import text_metadata
 from ._service import MethodSpec, RpcKind
 
 Handler = Callable[..., Any]
 F = TypeVar("F", bound=Callable[..., Any])
 _SKIP = "_meshrpc_skip_middleware"
+logger = logging.getLogger("meshrpc.handlers")
 
 
 class Call:
@@ -44,7 +46,18 @@ class Call:
     values to later middleware and to the handler (``meshrpc.current_call()``).
     """
 
-    __slots__ = ("_reply", "_requests", "_sent", "code", "context", "exception", "request", "spec", "state")
+    __slots__ = (
+        "_reached",
+        "_reply",
+        "_requests",
+        "_sent",
+        "code",
+        "context",
+        "exception",
+        "request",
+        "spec",
+        "state",
+    )
 
     def __init__(self, spec: MethodSpec, context: grpc.aio.ServicerContext[Any, Any], request: Any) -> None:
         self.spec = spec
@@ -57,6 +70,9 @@ class Call:
         self._requests: Any = None
         # The replies the chain wrote (telemetry reads it); None where the handler writes them.
         self._sent: int | None = 0
+        self._reached = (
+            0  # how deep the chain got: 1 + the index of the last middleware run; len(chain) + 1 at the handler
+        )
 
     @property
     def method(self) -> str:
@@ -179,16 +195,35 @@ def _ended(call: Call, exc: BaseException | None) -> None:
     call.code = final_code(call.context, exc)
 
 
+def middleware_name(middleware: object) -> str:
+    name = getattr(middleware, "__qualname__", None) or type(middleware).__qualname__
+    return str(name)
+
+
+class CalledTwice(RuntimeError):
+    """A middleware called ``call_next`` a second time: a call runs its handler once."""
+
+
+def _called_twice(chain: tuple[Middleware, ...], depth: int, call: Call) -> CalledTwice:
+    name = middleware_name(chain[depth - 2])
+    return CalledTwice(f"middleware {name} called call_next twice for {call.method}: a call runs its handler once")
+
+
 class _Next:
     """``call_next`` for a middleware in the middle of the chain: the next one, and how it ended."""
 
-    __slots__ = ("middleware", "rest")
+    __slots__ = ("chain", "depth", "middleware", "rest")
 
-    def __init__(self, middleware: Middleware, rest: Any) -> None:
-        self.middleware = middleware
+    def __init__(self, chain: tuple[Middleware, ...], depth: int, rest: Any) -> None:
+        self.chain = chain
+        self.depth = depth  # 1 + this middleware's index in the chain
+        self.middleware = chain[depth - 1]
         self.rest = rest
 
     async def __call__(self, call: Call) -> None:
+        if call._reached >= self.depth:
+            raise _called_twice(self.chain, self.depth, call)
+        call._reached = self.depth
         try:
             await self.middleware(call, self.rest)
         except BaseException as exc:
@@ -197,16 +232,20 @@ class _Next:
         _ended(call, None)
 
 
-def _innermost(spec: MethodSpec, impl: Handler) -> Callable[[Call], Awaitable[None]]:
+def _innermost(spec: MethodSpec, impl: Handler, chain: tuple[Middleware, ...]) -> Callable[[Call], Awaitable[None]]:
     """``call_next`` of the last middleware: the handler itself, and how it ended.
 
     Streamed replies are written here, not re-yielded.  One frame, not two: a chain of
     one middleware costs the middleware's coroutine and this one.
     """
     streaming_requests = spec.kind in (RpcKind.STREAM_UNARY, RpcKind.STREAM_STREAM)
+    depth = len(chain) + 1
     if spec.kind in (RpcKind.UNARY_UNARY, RpcKind.STREAM_UNARY):
 
         async def reply(call: Call) -> None:
+            if call._reached >= depth:
+                raise _called_twice(chain, depth, call)
+            call._reached = depth
             try:
                 call._reply = await impl(call._requests if streaming_requests else call.request, call.context)
             except BaseException as exc:
@@ -220,6 +259,9 @@ def _innermost(spec: MethodSpec, impl: Handler) -> Callable[[Call], Awaitable[No
         reply_class = spec.response_type
 
         async def stream(call: Call) -> None:
+            if call._reached >= depth:
+                raise _called_twice(chain, depth, call)
+            call._reached = depth
             context = call.context
             sent = 0
             try:
@@ -238,6 +280,9 @@ def _innermost(spec: MethodSpec, impl: Handler) -> Callable[[Call], Awaitable[No
         return stream
 
     async def writing(call: Call) -> None:
+        if call._reached >= depth:
+            raise _called_twice(chain, depth, call)
+        call._reached = depth
         call._sent = None  # the handler writes its replies with context.write: not seen here
         try:
             await impl(call._requests if streaming_requests else call.request, call.context)
@@ -247,6 +292,19 @@ def _innermost(spec: MethodSpec, impl: Handler) -> Callable[[Call], Awaitable[No
         _ended(call, None)
 
     return writing
+
+
+async def _never_called_next(call: Call, chain: tuple[Middleware, ...]) -> None:
+    """A middleware returned without calling ``call_next`` and without raising a status:
+    there is no reply to send, and the handler never ran.  Its bug, named; never returns."""
+    name = middleware_name(chain[call._reached - 1])
+    logger.error(
+        "middleware %s returned without calling call_next or raising a status for %s: "
+        "answered INTERNAL (raise a meshrpc.StatusError to refuse a call)",
+        name,
+        call.method,
+    )
+    await call.context.abort(grpc.StatusCode.INTERNAL, INTERNAL_DETAILS)
 
 
 def replies_written() -> int | None:
@@ -262,18 +320,22 @@ def compose(spec: MethodSpec, middleware: tuple[Middleware, ...], impl: Handler)
     Server-streaming replies are written with ``context.write`` inside the chain, so
     middleware runs around the whole stream and nothing re-yields each message.
     """
-    rest: Any = _innermost(spec, impl)
-    for item in reversed(middleware[1:]):
-        rest = _Next(item, rest)
+    rest: Any = _innermost(spec, impl, middleware)
+    for depth in range(len(middleware), 1, -1):
+        rest = _Next(middleware, depth, rest)
     first = middleware[0]
     streaming_requests = spec.kind in (RpcKind.STREAM_UNARY, RpcKind.STREAM_STREAM)
     enter = _current.set
+    handled = len(middleware) + 1
 
     async def handle(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         call = Call(spec, context, None if streaming_requests else request)
         call._requests = request
+        call._reached = 1
         enter(call)  # each RPC runs in its own task: no reset needed
         await first(call, rest)
+        if call._reached != handled:
+            await _never_called_next(call, middleware)
         return call._reply
 
     if spec.kind in (RpcKind.UNARY_UNARY, RpcKind.STREAM_UNARY):

@@ -21,6 +21,7 @@ import logging
 import os
 import signal
 import threading
+import time
 from collections.abc import Callable, Coroutine, Iterator
 from contextlib import AbstractAsyncContextManager
 from types import FrameType
@@ -39,7 +40,7 @@ from ._interceptors import server_interceptors
 from ._otel_setup import configure_sdk
 from ._otel_setup import flush as flush_telemetry
 from ._reflection import add_reflection
-from ._runner import hard_exit, owns_process
+from ._runner import exit_by, hard_exit, owns_process
 from ._service import describe
 from ._sync import is_sync
 from ._telemetry import Observe, Telemetry, observer, sdk_configured
@@ -50,7 +51,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger("meshrpc.server")
 HANDLED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 FORCE_EXIT_AFTER = 1.0  # seconds from a second signal to the process's exit, whatever still runs
-EXIT_MARGIN = 2.0  # seconds past drain delay + grace + shutdown timeout before the exit is forced
 
 
 class Server:
@@ -166,7 +166,8 @@ class Server:
                 await self._cleanup()
                 if self._metrics_endpoint is not None:  # scraped through the drain, until the end
                     self._metrics_endpoint.close()
-        logger.info("shutdown complete, exit code %d", self.exit_code)
+        if not self._owns_process:  # else the runner says it, once it knows what is left running
+            logger.info("shutdown complete, exit code %d", self.exit_code)
         return self.exit_code
 
     async def _startup_unless_stopped(self) -> bool:
@@ -176,14 +177,32 @@ class Server:
             await asyncio.wait((startup, stop), return_when=asyncio.FIRST_COMPLETED)
         finally:
             stop.cancel()
-        if startup.done():
+        if startup.done() and not startup.cancelled():
             startup.result()
             return True
         logger.info("stop requested during startup: stopping")
         startup.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await startup
+        # Not awaited without a bound: a lifespan that swallows its cancellation would keep
+        # the process past every documented limit.  _startup itself checks for the stop
+        # after each step it awaits, so such a startup never reaches SERVING.
+        await asyncio.wait((startup,), timeout=self.config.shutdown_timeout)
+        if not startup.done():
+            startup.add_done_callback(consume_outcome)
+            logger.error(
+                "startup of app %s ignored its cancellation for %gs: abandoned",
+                self.app.name,
+                self.config.shutdown_timeout,
+            )
+            self.exit_code = 1
+        elif not startup.cancelled() and startup.exception() is not None:
+            logger.error("startup of app %s failed while stopping", self.app.name, exc_info=startup.exception())
+            self.exit_code = 1
         return False
+
+    def _unless_stopped(self) -> None:
+        """A stop requested during startup ends it here, whatever the awaited step did with its cancellation."""
+        if self._stop_requested.is_set():
+            raise asyncio.CancelledError
 
     async def _startup(self) -> None:
         config, app = self.config, self.app
@@ -212,7 +231,7 @@ class Server:
         except RuntimeError:  # lost a race with another process since the check
             raise BindError(f"cannot listen on {config.address}: the address is in use or not available") from None
 
-        self._setup_telemetry()
+        await self._setup_telemetry()
 
         if app.lifespan is not None:
             lifespan = app.lifespan(app)
@@ -222,18 +241,23 @@ class Server:
                 logger.error("lifespan startup of app %s failed", app.name, exc_info=exc)
                 raise AppError(f"lifespan startup of app {app.name!r} failed: {exc!r}") from exc
             self._lifespan = lifespan
+            self._unless_stopped()
 
         self.health = health = Health([s.name for s in app.services], config.liveness_service)
+        health.proxy_ready = self._sidecar is None
         await health.publish()  # NOT_SERVING until started: the library's default is SERVING
         names = self._add_handlers(server, health)
+        self._unless_stopped()
         await server.start()
         tls = " (mutual TLS)" if config.tls_client_ca_file else " (TLS)" if config.tls_cert_file else ""
         logger.info("serving app %s on %s%s: %s", app.name, self.display_address, tls, ", ".join(names))
         if self._sidecar is not None:
             await asyncio.shield(self._sidecar)
+            await health.update(proxy_ready=True)
         checks, check_log = app.readiness_checks, CheckLog()
         if checks:  # the first round decides readiness before it is ever SERVING
             await run_checks(health, checks, config.health_check_timeout, check_log)
+        self._unless_stopped()
         await health.update(started=True)
         if checks:
             self._task(
@@ -246,7 +270,7 @@ class Server:
                 )
             )
 
-    def _setup_telemetry(self) -> None:
+    async def _setup_telemetry(self) -> None:
         """The OpenTelemetry SDK (otel_sdk) and /metrics (metrics_port), before any handler is built."""
         config, app = self.config, self.app
         reader = _metrics.prometheus_reader() if config.metrics_port is not None else None
@@ -265,6 +289,7 @@ class Server:
         if config.metrics_port is not None:
             host = config.host.strip("[]")
             self._metrics_endpoint = _metrics.MetricsEndpoint(host, config.metrics_port)
+            await self._metrics_endpoint.start()
             shown = "127.0.0.1" if host in ("::", "0.0.0.0") else config.host
             logger.info("metrics on http://%s:%d/metrics", shown, self._metrics_endpoint.port)
 
@@ -395,7 +420,9 @@ class Server:
             return f"t0+{loop.time() - t0:.2f}s"
 
         if self._owns_process:  # nothing a handler, check or lifespan does may keep the process past its budget
-            budget = config.drain_delay + config.grace + config.shutdown_timeout + EXIT_MARGIN
+            # The manifests' terminationGracePeriodSeconds is this budget rounded up plus a
+            # second: the process ends, with its log, before the kubelet's SIGKILL.
+            budget = config.exit_budget
             _watchdog(budget, f"the drain's budget of {budget:g}s", lambda: self.abandoned)
         self.phase = "draining (drain delay)"
         self.app._draining.set()
@@ -418,11 +445,15 @@ class Server:
         self.health.servicer.end_watches()
         self.phase = "draining (grace)"
         self._inflight.cancelled = 0
+        # What is in flight when the grace ends is what gets cancelled, whether or not a
+        # handler lets the cancellation through (one that swallows it is still cut off).
+        left = self.in_flight
         stopping = asyncio.ensure_future(self._grpc.stop(grace))
         if grace > 0:
             forced = asyncio.ensure_future(self._force.wait())
-            await asyncio.wait((stopping, forced), return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait((stopping, forced), timeout=grace, return_when=asyncio.FIRST_COMPLETED)
             forced.cancel()
+            left = 0 if stopping.done() else self.in_flight
         if not stopping.done() and self._force.is_set():
             logger.warning("drain %s: stopping now, cancelling %d RPCs in flight", since(), self.in_flight)
             if grace > 0:
@@ -431,7 +462,7 @@ class Server:
                 # first has just destroyed, and the process dies of a segfault.
                 await self._grpc.stop(0)
         await stopping
-        cancelled = self._inflight.cancelled
+        cancelled = max(left, self._inflight.cancelled)
         logger.log(
             logging.WARNING if cancelled else logging.INFO,
             "drain %s: server stopped, %d RPCs cancelled; running lifespan shutdown",
@@ -466,6 +497,7 @@ def _watchdog(after: float, reason: str, abandoned: Callable[[], str]) -> None:
         logger.error("exiting now, %.1fs after %s: abandoned %s", after, reason, abandoned())
         hard_exit(1)
 
+    exit_by(time.monotonic() + after)  # the runner's own last waits fit before it
     timer = threading.Timer(after, expire)
     timer.daemon = True
     timer.start()

@@ -13,12 +13,14 @@ instrumentations emit them
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import dataclasses
 import functools
 import json
 import logging
 import random
 import re
+import threading
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -31,7 +33,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from ._errors import StatusError
 from ._failures import final_code
-from ._rpc_context import incoming_metadata, text_items
+from ._rpc_context import current_rpc, incoming_metadata, text_items
 from ._service import MethodSpec, RpcKind
 from ._version import __version__
 
@@ -253,7 +255,7 @@ class Observation:
 
     def _access_log(self, code: grpc.StatusCode, elapsed_ms: float) -> None:
         span_context = self.span.get_span_context() if self.span is not None else None
-        trace_id = f"{span_context.trace_id:032x}" if span_context and span_context.is_valid else _incoming_trace_id()
+        trace_id = f"{span_context.trace_id:032x}" if span_context and span_context.is_valid else _rpc_trace_id()
         record = {
             "method": self.method.path,
             "status": code.name,
@@ -338,14 +340,51 @@ class TraceContextFilter(logging.Filter):
     The id is the current span's; with no SDK configured, the incoming RPC's
     ``traceparent`` or B3 trace id, so log lines still match the mesh's traces.
     Attach it to a handler and use ``%(trace)s`` or ``%(trace_id)s`` in its format.
+
+    A filter runs inside every logging call, so it never fails and never logs: reading
+    an RPC's metadata can make grpc log ("Invalid encoding" for a header that is not
+    UTF-8), and that record comes back through this filter.  It is let through with no
+    trace id instead of reading the metadata again (which recursed until the stack ran
+    out, on every such request).  The incoming id is read once per RPC.
     """
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if getattr(record, "meshrpc_access", False):  # an access line holds its trace id already
-            record.trace_id, record.trace = "", ""
-            return True
-        span_context = trace.get_current_span().get_span_context()
-        trace_id = f"{span_context.trace_id:032x}" if span_context.is_valid else _incoming_trace_id()
-        record.trace_id = trace_id
-        record.trace = f" trace_id={trace_id}" if trace_id else ""
+        record.trace_id, record.trace = "", ""
+        if getattr(record, "meshrpc_access", False) or getattr(_filtering, "active", False):
+            return True  # an access line holds its trace id already; or a record logged by this filter's own read
+        _filtering.active = True
+        try:
+            trace_id = _current_trace_id()
+        except Exception:  # a logging filter that raises loses the line, or worse
+            trace_id = ""
+        finally:
+            _filtering.active = False
+        if trace_id:
+            record.trace_id = trace_id
+            record.trace = f" trace_id={trace_id}"
         return True
+
+
+_filtering = threading.local()
+# The RPC whose incoming trace id was read last in this context, and that id.
+_incoming: contextvars.ContextVar[tuple[object, str]] = contextvars.ContextVar("meshrpc_incoming_trace")
+
+
+def _current_trace_id() -> str:
+    span_context = trace.get_current_span().get_span_context()
+    if span_context.is_valid:
+        return f"{span_context.trace_id:032x}"
+    return _rpc_trace_id()
+
+
+def _rpc_trace_id() -> str:
+    """The current RPC's incoming trace id, read from its metadata once per RPC."""
+    context = current_rpc.get(None)
+    if context is None:
+        return ""
+    cached = _incoming.get(None)
+    if cached is not None and cached[0] is context:
+        return cached[1]
+    trace_id = _incoming_trace_id()
+    _incoming.set((context, trace_id))
+    return trace_id

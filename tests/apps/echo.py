@@ -25,6 +25,16 @@ failed_once: set[str] = set()
 async def behave(request: echo_pb2.EchoRequest) -> None:
     if request.fail.startswith("return-") or request.fail == "yield-none":
         return  # misbehaviours the handlers themselves act out
+    if request.fail == "swallow-cancel":  # a handler that catches its cancellation and returns
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.sleep(request.sleep)
+        return
+    if request.fail == "stubborn":  # one that ignores every cancellation for request.sleep seconds
+        end = time.monotonic() + request.sleep
+        while time.monotonic() < end:
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.sleep(0.05)
+        return
     if request.sleep:
         await asyncio.sleep(request.sleep)
     if request.fail.startswith("once:"):  # "once:CODE:key": fail the first call with this key only
@@ -35,6 +45,8 @@ async def behave(request: echo_pb2.EchoRequest) -> None:
         return
     if request.fail == "crash":
         raise RuntimeError("secret internal detail /srv/db password=hunter2")
+    if request.fail == "crash-text":  # an exception whose text is the client's
+        raise ValueError(f"cannot use {request.text}")
     if request.fail == "exit":
         raise SystemExit(3)
     if request.fail == "interrupt":

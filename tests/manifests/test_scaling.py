@@ -33,7 +33,7 @@ def test_scaling_down_waits_for_the_drain() -> None:
     kinds = generate(APP, "--drain-delay", "10", "--grace", "50")
     grace = kinds["Deployment"]["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
     down = kinds["HorizontalPodAutoscaler"]["spec"]["behavior"]["scaleDown"]
-    assert grace == 65
+    assert grace == 67  # 10 + 50 + 4 (shutdown timeout) + 2 (exit margin) + 1
     assert down["stabilizationWindowSeconds"] >= max(300, grace)
     assert down["policies"] == [{"type": "Pods", "value": 1, "periodSeconds": grace}]  # one pod per drain
 

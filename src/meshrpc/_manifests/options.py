@@ -41,7 +41,7 @@ GATEWAY_API_KINDS = (
 OPTIONAL_KINDS = ("MeshVirtualService", "HeadlessService")
 # The Istio kinds that need Istio itself, whatever serves the gateway.
 ISTIO_SECURITY_KINDS = ("AuthorizationPolicy", "PeerAuthentication")
-EXIT_MARGIN = 1  # seconds for the process to exit after the lifespan's shutdown
+KILL_MARGIN = 1  # seconds past the process's own exit budget before the kubelet's SIGKILL
 # Istio's default ingress gateway (the istio-ingressgateway chart and istioctl's default profile).
 INGRESS_GATEWAY_ACCOUNT = "ns/istio-system/sa/istio-ingressgateway-service-account"
 DEFAULT_METRICS_PORT = 9464  # the port OpenTelemetry's Prometheus exporter uses by default
@@ -285,5 +285,7 @@ def seconds(value: float) -> str:
 
 
 def grace_period(config: Config) -> int:
-    """``terminationGracePeriodSeconds``: the app's drain delay + grace + shutdown timeout + a margin."""
-    return math.ceil(config.drain_delay + config.grace + config.shutdown_timeout) + EXIT_MARGIN
+    """``terminationGracePeriodSeconds``: the app's exit budget (drain delay + grace + shutdown
+    timeout + its exit margin, when its watchdog ends it at the latest), rounded up, plus a
+    second, so the process always ends and logs it before the kubelet's SIGKILL."""
+    return math.ceil(config.exit_budget) + KILL_MARGIN
