@@ -46,7 +46,14 @@ NO_CRDS_REASON = (
     f"or name their folder in {CRDS_VARIABLE} to run the strict checks (unknown fields, CEL rules)"
 )
 K8S_VERSIONS = ("1.30.0", kubernetes_validate.latest_version())
-CORE_KINDS = {"Deployment", "Service", "PodDisruptionBudget", "ServiceAccount", "HorizontalPodAutoscaler"}
+CORE_KINDS = {
+    "Deployment",
+    "Service",
+    "PodDisruptionBudget",
+    "ServiceAccount",
+    "HorizontalPodAutoscaler",
+    "NetworkPolicy",
+}
 _NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 
 

@@ -216,7 +216,7 @@ def test_gateway_api_flavour() -> None:
     ]
     route = kinds["GRPCRoute"]
     assert route["apiVersion"] == "gateway.networking.k8s.io/v1"
-    assert route["spec"]["parentRefs"][0]["name"] == kinds["Gateway"]["metadata"]["name"] == "main-gateway"
+    assert route["spec"]["parentRefs"][0]["name"] == kinds["Gateway"]["metadata"]["name"] == "meshrpc-gateway"
     assert route["spec"]["parentRefs"][1] == {"group": "", "kind": "Service", "name": "main", "port": 8888}
     services = [
         m["method"]["service"] for r in route["spec"]["rules"] for m in r["matches"] if "method" not in m["method"]
@@ -251,7 +251,7 @@ def test_output_directory(tmp_path: Path) -> None:
         "authorizationpolicy-greeter.yaml",
         "deployment-greeter.yaml",
         "destinationrule-greeter.yaml",
-        "gateway-greeter-gateway.yaml",
+        "gateway-meshrpc-gateway.yaml",
         "horizontalpodautoscaler-greeter.yaml",
         "poddisruptionbudget-greeter.yaml",
         "service-greeter.yaml",

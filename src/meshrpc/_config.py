@@ -106,7 +106,7 @@ class Config:
     )
     metrics_port: int | None = _setting(
         None,
-        "Serve Prometheus metrics at http://HOST:PORT/metrics (needs the 'metrics' extra). Unset: off.",
+        "Serve Prometheus metrics at http://HOST:PORT/metrics. Unset: off.",
     )
     otel_sdk: bool = _setting(False, "Set up the OpenTelemetry SDK from the OTEL_* variables (needs the 'otel' extra).")
     access_log: str = _setting("off", "One log line per RPC: off, text or json.")

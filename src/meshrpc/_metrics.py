@@ -18,7 +18,11 @@ from typing import Any
 from ._errors import BindError, ConfigError
 
 logger = logging.getLogger("meshrpc.telemetry")
-MISSING_EXTRA = "metrics_port needs the 'metrics' extra: pip install 'meshrpc[metrics]'"
+MISSING_EXTRA = (
+    "metrics_port needs opentelemetry-sdk, opentelemetry-exporter-prometheus and prometheus-client, "
+    "which meshrpc's install brings but this environment lacks: "
+    "pip install opentelemetry-sdk opentelemetry-exporter-prometheus prometheus-client"
+)
 
 
 def prometheus_reader() -> Any:

@@ -32,7 +32,6 @@ HTTP_RETRY_ON = frozenset(
     }
 )
 RETRY_ON = GRPC_RETRY_ON | HTTP_RETRY_ON
-DEFAULT_RETRY_ON = ("unavailable", "connect-failure", "refused-stream")
 
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m|h)$")
 _UNIT = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
@@ -101,7 +100,8 @@ def route(
             per_try_timeout=(
                 parse_duration(per_try_timeout, f"{what}: per_try_timeout") if per_try_timeout is not None else None
             ),
-            retry_on=conditions or (DEFAULT_RETRY_ON if retries else ()),
+            # Unset: `meshrpc routes` retries what is safe for each method (see its retries).
+            retry_on=conditions,
         )
         target.__meshrpc_route__ = options  # type: ignore[attr-defined]
         return target

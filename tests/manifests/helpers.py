@@ -24,6 +24,8 @@ def by_kind(docs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
             return "HeadlessService"
         if d["kind"] == "VirtualService" and d["metadata"]["name"].endswith("-mesh"):
             return "MeshVirtualService"
+        if d["kind"] == "AuthorizationPolicy" and d["metadata"]["name"].endswith("-waypoint"):
+            return "WaypointPolicy"
         return str(d["kind"])
 
     return {kind(d): d for d in docs}

@@ -83,5 +83,8 @@ def test_a_missing_extra_is_said_clearly() -> None:
     )
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=30)
     assert result.returncode == 1
-    assert "metrics_port needs the 'metrics' extra: pip install 'meshrpc[metrics]'" in result.stderr
+    assert (
+        "metrics_port needs opentelemetry-sdk, opentelemetry-exporter-prometheus and prometheus-client" in result.stderr
+    )
+    assert "pip install opentelemetry-sdk opentelemetry-exporter-prometheus prometheus-client" in result.stderr
     assert "Traceback" not in result.stderr

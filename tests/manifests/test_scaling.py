@@ -22,7 +22,13 @@ def test_the_autoscaler_owns_the_replica_count() -> None:
     assert hpa["metadata"]["namespace"] == deployment["metadata"]["namespace"]
     assert (hpa["spec"]["minReplicas"], hpa["spec"]["maxReplicas"]) == (3, 12)
     (metric,) = hpa["spec"]["metrics"]
-    assert metric["resource"] == {"name": "cpu", "target": {"type": "Utilization", "averageUtilization": 60}}
+    # The app container's CPU, not the pod's (which averages in an idle sidecar).
+    assert metric["type"] == "ContainerResource"
+    assert metric["containerResource"] == {
+        "name": "cpu",
+        "container": container(kinds)["name"],
+        "target": {"type": "Utilization", "averageUtilization": 60},
+    }
     # `kubectl apply` must not reset what the autoscaler scaled to.
     assert "replicas" not in deployment["spec"]
     # Utilisation is a share of the request: there must be one.

@@ -38,14 +38,20 @@ def test_the_policy_lets_the_gateway_and_named_callers_reach_the_services_only()
     assert namespaces["from"] == [{"source": {"namespaces": ["ops"]}}]
     principals = [p for rule in spec["rules"] for f in rule.get("from", []) for p in f["source"].get("principals", [])]
     assert principals and all(PRINCIPAL.match(p) for p in principals)
-    paths = ["/main.MainService/*", "/helloworld.Greeter/*"]
+    # L4 only by default: the gRPC port, which ztunnel can enforce (paths would make it DENY all).
     for rule in (gateway, named, namespaces):
-        assert rule["to"] == [{"operation": {"paths": paths}}]
-    # Health and reflection are opened to nobody; probes reach the app through the sidecar agent.
+        assert rule["to"] == [{"operation": {"ports": ["8888"]}}]
     assert "grpc.health" not in str(spec) and "grpc.reflection" not in str(spec)
-    # /metrics, on its own port and GET only, for a scraper without Istio's metrics merging.
-    assert metrics == {"to": [{"operation": {"ports": ["9464"], "methods": ["GET"], "paths": ["/metrics"]}}]}
+    # /metrics, on its own port, for a scraper without Istio's metrics merging.
+    assert metrics == {"to": [{"operation": {"ports": ["9464"]}}]}
     assert "from" not in metrics
+    # Declared sidecar-only, the pods' sidecar enforces paths: the registered services only.
+    sidecar = generate(APP, "--namespace", "shop", "--allow-from", "ops", "--data-plane", "sidecar")
+    gateway, _, metrics = sidecar["AuthorizationPolicy"]["spec"]["rules"]
+    paths = ["/main.MainService/*", "/helloworld.Greeter/*"]
+    assert gateway["to"] == [{"operation": {"ports": ["8888"], "paths": paths}}]
+    assert metrics == {"to": [{"operation": {"ports": ["9464"], "methods": ["GET"], "paths": ["/metrics"]}}]}
+    validate(sidecar["AuthorizationPolicy"])
 
 
 def test_without_allow_from_stderr_says_only_the_gateway_may_call() -> None:
@@ -70,7 +76,7 @@ def test_gateway_api_on_istio_names_the_gateway_istio_deploys() -> None:
     kinds = generate(APP, "--api", "gateway-api", "--gateway-namespace", "edge")
     rule = kinds["AuthorizationPolicy"]["spec"]["rules"][0]
     # Istio runs a Gateway API Gateway as the service account NAME-CLASS in the Gateway's namespace.
-    assert rule["from"][0]["source"]["principals"] == ["cluster.local/ns/edge/sa/main-gateway-istio"]
+    assert rule["from"][0]["source"]["principals"] == ["cluster.local/ns/edge/sa/meshrpc-gateway-istio"]
     validate(kinds["AuthorizationPolicy"])
 
 

@@ -25,13 +25,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0fmain/main.proto\x12\x04main\"\x1c\n\x0eGetItemRequest\x12\n\n\x02id\x18\x01 \x01(\t\"!\n\x10ListItemsRequest\x12\r\n\x05limit\x18\x01 \x01(\x05\"!\n\x04Item\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05title\x18\x02 \x01(\t2m\n\x0bMainService\x12+\n\x07GetItem\x12\x14.main.GetItemRequest\x1a\n.main.Item\x12\x31\n\tListItems\x12\x16.main.ListItemsRequest\x1a\n.main.Item0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0fmain/main.proto\x12\x04main\"\x1c\n\x0eGetItemRequest\x12\n\n\x02id\x18\x01 \x01(\t\"!\n\x10ListItemsRequest\x12\r\n\x05limit\x18\x01 \x01(\x05\"!\n\x04Item\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05title\x18\x02 \x01(\t2r\n\x0bMainService\x12\x30\n\x07GetItem\x12\x14.main.GetItemRequest\x1a\n.main.Item\"\x03\x90\x02\x01\x12\x31\n\tListItems\x12\x16.main.ListItemsRequest\x1a\n.main.Item0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'main.main_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_MAINSERVICE'].methods_by_name['GetItem']._loaded_options = None
+  _globals['_MAINSERVICE'].methods_by_name['GetItem']._serialized_options = b'\220\002\001'
   _globals['_GETITEMREQUEST']._serialized_start=25
   _globals['_GETITEMREQUEST']._serialized_end=53
   _globals['_LISTITEMSREQUEST']._serialized_start=55
@@ -39,5 +41,5 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ITEM']._serialized_start=90
   _globals['_ITEM']._serialized_end=123
   _globals['_MAINSERVICE']._serialized_start=125
-  _globals['_MAINSERVICE']._serialized_end=234
+  _globals['_MAINSERVICE']._serialized_end=239
 # @@protoc_insertion_point(module_scope)

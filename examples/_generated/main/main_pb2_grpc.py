@@ -51,7 +51,7 @@ class MainServiceServicer:
     """Missing associated documentation comment in .proto file."""
 
     def GetItem(self, request, context):
-        """Reads one item.
+        """Reads one item; safe to repeat, so `meshrpc routes` lets the mesh retry it on UNAVAILABLE.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

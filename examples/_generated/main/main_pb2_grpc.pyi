@@ -33,7 +33,7 @@ class MainServiceStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> MainServiceAsyncStub: ...
     GetItem: _grpc.UnaryUnaryMultiCallable[_main_pb2.GetItemRequest, _main_pb2.Item]
-    """Reads one item."""
+    """Reads one item; safe to repeat, so `meshrpc routes` lets the mesh retry it on UNAVAILABLE."""
     ListItems: _grpc.UnaryStreamMultiCallable[_main_pb2.ListItemsRequest, _main_pb2.Item]
     """Lists items, one message each."""
 
@@ -41,7 +41,7 @@ class MainServiceStub:
 class MainServiceAsyncStub(MainServiceStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     GetItem: _aio.UnaryUnaryMultiCallable[_main_pb2.GetItemRequest, _main_pb2.Item]  # type: ignore[assignment]
-    """Reads one item."""
+    """Reads one item; safe to repeat, so `meshrpc routes` lets the mesh retry it on UNAVAILABLE."""
     ListItems: _aio.UnaryStreamMultiCallable[_main_pb2.ListItemsRequest, _main_pb2.Item]  # type: ignore[assignment]
     """Lists items, one message each."""
 
@@ -52,7 +52,7 @@ class MainServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _main_pb2.GetItemRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_main_pb2.Item, _abc.Awaitable[_main_pb2.Item]]:
-        """Reads one item."""
+        """Reads one item; safe to repeat, so `meshrpc routes` lets the mesh retry it on UNAVAILABLE."""
 
     @_abc_1.abstractmethod
     def ListItems(

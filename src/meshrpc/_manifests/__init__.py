@@ -5,7 +5,8 @@ the options, and returns plain data (one dict per resource) in a fixed order; YA
 written only at the edge (:mod:`.render`).  Same input, same bytes.
 
     options      what the command is told, validated once
-    workload     ServiceAccount, Deployment, Service, HorizontalPodAutoscaler, PodDisruptionBudget
+    workload     ServiceAccount, Deployment, Service, HorizontalPodAutoscaler, PodDisruptionBudget,
+                 NetworkPolicy, PodMonitor
     istio        Gateway, VirtualService, DestinationRule, AuthorizationPolicy, PeerAuthentication
     gateway_api  Gateway API Gateway and GRPCRoute
     render       YAML, the header, file names
@@ -44,7 +45,10 @@ def manifests(services: Sequence[ServiceSpec], config: Config, options: RoutesOp
         "MeshVirtualService": lambda: istio.mesh_virtual_service(options, config, services),
         "DestinationRule": lambda: istio.destination_rule(options),
         "GRPCRoute": lambda: gateway_api.grpc_route(options, config, services),
-        "AuthorizationPolicy": lambda: istio.authorization_policy(options, services),
+        "AuthorizationPolicy": lambda: istio.authorization_policy(options, config, services),
+        "WaypointPolicy": lambda: istio.waypoint_policy(options, services),
+        "NetworkPolicy": lambda: workload.network_policy(options, config),
+        "PodMonitor": lambda: workload.pod_monitor(options),
         "PeerAuthentication": lambda: istio.peer_authentication(options),
         "PodDisruptionBudget": lambda: workload.pod_disruption_budget(options),
     }
@@ -64,15 +68,39 @@ def notes(options: RoutesOptions, services: Sequence[ServiceSpec]) -> list[str]:
                 "timeouts and retries from @meshrpc.route are not part of GRPCRoute (Gateway API v1 standard); "
                 "they are written only by the istio flavour"
             )
+    if options.flavour == "istio" and "Gateway" in kinds:
+        selector = ",".join(f"{k}={v}" for k, v in options.gateway_selector_or_default.items())
+        install = {"istioctl": "istioctl's default profile", "helm": "Helm's istio/gateway chart as istio-ingress"}
+        found.append(
+            f"the Gateway selects pods labelled {selector} (Istio's ingress gateway as "
+            f"{install[options.ingress]} installs it); for another install: --ingress "
+            f"{'helm' if options.ingress == 'istioctl' else 'istioctl'}, or --gateway-selector and --gateway-principal"
+        )
+    if "Gateway" in kinds and not options.tls_secret and any(h != "*" for h in options.hosts):
+        found.append(
+            f"the Gateway serves {', '.join(h for h in options.hosts if h != '*')} in plaintext: "
+            "give --tls-secret for a host that clients reach over the internet"
+        )
+    if options.flavour == "gateway-api" and "GRPCRoute" in kinds:
+        found.append(
+            "GRPCRoute (Gateway API v1) has no retry policy, so Istio's default retries apply to every method, "
+            "'unavailable' included; for retries read from the proto's idempotency_level use --api istio"
+        )
     if not options.istio_security:
         found.append(
             f"gateway class {options.gateway_class!r} is not Istio: no AuthorizationPolicy or PeerAuthentication "
             "is written, so who may call the app and mTLS between pods are NOT enforced; use your mesh's or "
             "your CNI's policy (a NetworkPolicy at least)"
         )
-    elif "AuthorizationPolicy" in kinds and not options.allow_from:
-        found.append(
-            f"the AuthorizationPolicy lets only the gateway ({options.gateway_principal_or_default}) call "
-            f"{options.name}; name in-mesh callers with --allow-from NAMESPACE[/SERVICEACCOUNT]"
-        )
+    elif "AuthorizationPolicy" in kinds:
+        if not options.allow_from:
+            found.append(
+                f"the AuthorizationPolicy lets only the gateway ({options.gateway_principal_or_default}) call "
+                f"{options.name}; name in-mesh callers with --allow-from NAMESPACE[/SERVICEACCOUNT]"
+            )
+        if options.data_plane == "any" and options.waypoint is None:
+            found.append(
+                "the AuthorizationPolicy on the pods matches callers and ports only (L4), which a sidecar and "
+                "ambient's ztunnel both enforce; per-service paths need --data-plane sidecar, or --waypoint NAME"
+            )
     return found

@@ -7,7 +7,7 @@ from typing import Any
 
 from .._config import Config
 from .._service import ServiceSpec
-from .istio import route_name
+from .istio import shared_metadata
 from .options import RoutesOptions
 from .workload import metadata
 
@@ -31,10 +31,9 @@ def gateway(options: RoutesOptions) -> dict[str, Any]:
     return {
         "apiVersion": "gateway.networking.k8s.io/v1",
         "kind": "Gateway",
-        "metadata": {
-            **metadata(options, options.gateway_ref),
-            "namespace": options.gateway_namespace or options.namespace,
-        },
+        # Shared by every app on the defaults: one Gateway resource, so one gateway
+        # deployment and one load balancer, not one per app.
+        "metadata": shared_metadata(options),
         "spec": {"gatewayClassName": options.gateway_class, "listeners": [listener]},
     }
 
@@ -47,19 +46,14 @@ def grpc_route(options: RoutesOptions, config: Config, services: Sequence[Servic
             if method.route is not None:
                 rules.append(
                     {
-                        "name": route_name(svc.name, method.name),
                         "matches": [{"method": {"type": "Exact", "service": svc.name, "method": method.name}}],
                         "backendRefs": backend,
                     }
                 )
+    # No rules[].name: the field is in GRPCRoute's standard channel only from Gateway API
+    # v1.4, and the v1.1-v1.3 CRDs (Istio 1.22-1.24's own tasks install v1.1) reject it.
     for svc in services:
-        rules.append(
-            {
-                "name": route_name(svc.name),
-                "matches": [{"method": {"type": "Exact", "service": svc.name}}],
-                "backendRefs": backend,
-            }
-        )
+        rules.append({"matches": [{"method": {"type": "Exact", "service": svc.name}}], "backendRefs": backend})
     parent: dict[str, Any] = {"group": "gateway.networking.k8s.io", "kind": "Gateway", "name": options.gateway_ref}
     if options.gateway_namespace:
         parent["namespace"] = options.gateway_namespace

@@ -12,6 +12,10 @@ from .._errors import MeshrpcError
 
 Flavour = Literal["istio", "gateway-api"]
 MtlsMode = Literal["strict", "permissive"]
+# How the Istio ingress gateway was installed: each gives its pods a label and an identity.
+Ingress = Literal["istioctl", "helm"]
+# Which data plane the app's pods run in: "any" writes what both enforce (L4 policy only).
+DataPlane = Literal["any", "sidecar", "ambient"]
 
 # Every kind in the order it is written: identity first, then the workload, the routes, the policy.
 ISTIO_KINDS = (
@@ -37,13 +41,24 @@ GATEWAY_API_KINDS = (
     "PeerAuthentication",
     "PodDisruptionBudget",
 )
-# Kinds written only when asked for (--mesh-routing, --headless); "which resources" accepts them too.
-OPTIONAL_KINDS = ("MeshVirtualService", "HeadlessService")
+# Kinds written only when asked for (--mesh-routing, --headless, --waypoint, --network-policy,
+# --pod-monitor); "which resources" accepts them too.
+OPTIONAL_KINDS = ("MeshVirtualService", "HeadlessService", "WaypointPolicy", "NetworkPolicy", "PodMonitor")
 # The Istio kinds that need Istio itself, whatever serves the gateway.
 ISTIO_SECURITY_KINDS = ("AuthorizationPolicy", "PeerAuthentication")
 KILL_MARGIN = 1  # seconds past the process's own exit budget before the kubelet's SIGKILL
-# Istio's default ingress gateway (the istio-ingressgateway chart and istioctl's default profile).
-INGRESS_GATEWAY_ACCOUNT = "ns/istio-system/sa/istio-ingressgateway-service-account"
+# What each ingress install gives the gateway's pods: (selector label, namespace, service account).
+# istioctl's default profile: the istio-ingressgateway deployment in istio-system.  Istio's Helm
+# docs: `helm install istio-ingress istio/gateway -n istio-ingress`, whose chart labels the
+# pods `istio: ingress` (the release name without "istio-") and runs them as the release's
+# own service account.
+INGRESS_INSTALLS: dict[str, tuple[tuple[str, str], str, str]] = {
+    "istioctl": (("istio", "ingressgateway"), "istio-system", "istio-ingressgateway-service-account"),
+    "helm": (("istio", "ingress"), "istio-ingress", "istio-ingress"),
+}
+# The one Gateway every app shares by default: two apps on their defaults write the same
+# resource (one listener, one load balancer), never two Gateways on one port and host (IST0145).
+SHARED_GATEWAY = "meshrpc-gateway"
 DEFAULT_METRICS_PORT = 9464  # the port OpenTelemetry's Prometheus exporter uses by default
 
 _DNS_LABEL = re.compile(r"^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$")
@@ -58,6 +73,14 @@ _PRINCIPAL = re.compile(
 # What Kubernetes accepts as an environment variable name (C identifiers, and more, but no '=').
 _ENV_NAME = re.compile(r"^[-._a-zA-Z][-._a-zA-Z0-9]*$")
 _CPU = re.compile(r"^([0-9]+m|[0-9]+(\.[0-9]+)?)$")
+_MEMORY = re.compile(r"^[0-9]+(Ki|Mi|Gi|Ti|K|M|G|T)?$")
+_UNITS = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40}
+
+
+def memory_bytes(quantity: str) -> int:
+    number = re.match(r"^[0-9]+", quantity)
+    assert number is not None
+    return int(number.group()) * _UNITS[quantity[number.end() :]]
 
 
 class RoutesError(MeshrpcError):
@@ -78,7 +101,10 @@ class RoutesOptions:
     gateway: bool = True
     gateway_name: str | None = None
     gateway_namespace: str | None = None
-    gateway_selector: tuple[tuple[str, str], ...] = (("istio", "ingressgateway"),)
+    gateway_selector: tuple[tuple[str, str], ...] | None = None  # None: the --ingress install's label
+    ingress: Ingress = "istioctl"
+    data_plane: DataPlane = "any"
+    waypoint: str | None = None  # the ambient waypoint serving the app's Service, by name
     gateway_class: str = "istio"
     gateway_port: int | None = None
     tls_secret: str | None = None
@@ -96,11 +122,15 @@ class RoutesOptions:
     max_replicas: int = 10
     target_cpu: int = 70
     cpu_request: str = "100m"
+    memory_request: str = "128Mi"
+    memory_limit: str = "512Mi"
     # How it is scraped.
     metrics_port: int | None = DEFAULT_METRICS_PORT
     # What the app needs from its environment.
     env: tuple[tuple[str, str], ...] = ()
     env_from: tuple[str, ...] = ()  # "configmap:NAME" or "secret:NAME"
+    network_policy: bool = False
+    pod_monitor: bool = False
 
     def __post_init__(self) -> None:
         self._check_workload()
@@ -108,6 +138,8 @@ class RoutesOptions:
         self._check_security()
         self._check_environment()
         if self.resources is not None:
+            if not self.autoscaling and "HorizontalPodAutoscaler" in self.resources:
+                raise RoutesError("--no-autoscaling contradicts --resources HorizontalPodAutoscaler: choose one")
             known = set(self.kinds_available)
             unknown = [r for r in self.resources if r not in known]
             if unknown:
@@ -141,6 +173,13 @@ class RoutesOptions:
             raise RoutesError(f"CPU request {self.cpu_request!r} is not a CPU quantity such as 100m or 0.5")
         if self.metrics_port is not None and not 1 <= self.metrics_port <= 65535:
             raise RoutesError(f"metrics port must be 1..65535, got {self.metrics_port}")
+        for what, quantity in (("memory request", self.memory_request), ("memory limit", self.memory_limit)):
+            if not _MEMORY.match(quantity) or memory_bytes(quantity) == 0:
+                raise RoutesError(f"{what} {quantity!r} is not a memory quantity such as 128Mi or 1Gi")
+        if memory_bytes(self.memory_limit) < memory_bytes(self.memory_request):
+            raise RoutesError(
+                f"memory limit ({self.memory_limit}) must be at least the memory request ({self.memory_request})"
+            )
 
     def _check_gateway(self) -> None:
         if not self.hosts:
@@ -155,9 +194,11 @@ class RoutesOptions:
                 raise RoutesError(f"{label_name!r} is not a valid Kubernetes name")
         if self.tls_secret is not None and not _DNS_1123_LABEL.match(self.tls_secret.replace(".", "-")):
             raise RoutesError(f"TLS secret {self.tls_secret!r} is not a valid Kubernetes name")
-        for key, value in self.gateway_selector:
+        for key, value in self.gateway_selector or ():
             if not key or not _LABEL_VALUE.match(value):
                 raise RoutesError(f"gateway selector {key}={value} is not a valid label")
+        if self.ingress not in INGRESS_INSTALLS:
+            raise RoutesError(f"ingress must be one of {', '.join(INGRESS_INSTALLS)}, got {self.ingress!r}")
 
     def _check_security(self) -> None:
         if self.gateway_principal is not None and not _PRINCIPAL.match(self.gateway_principal):
@@ -172,6 +213,13 @@ class RoutesOptions:
                 raise RoutesError(f"--allow-from {caller!r} is not NAMESPACE or NAMESPACE/SERVICEACCOUNT")
         if self.mtls not in (None, "strict", "permissive"):
             raise RoutesError(f"mtls must be strict or permissive, got {self.mtls!r}")
+        if self.data_plane not in ("any", "sidecar", "ambient"):
+            raise RoutesError(f"data plane must be any, sidecar or ambient, got {self.data_plane!r}")
+        if self.waypoint is not None:
+            if not _DNS_1123_LABEL.match(self.waypoint):
+                raise RoutesError(f"waypoint {self.waypoint!r} is not a valid Kubernetes name")
+            if self.data_plane == "sidecar":
+                raise RoutesError("--waypoint is for the ambient data plane; --data-plane sidecar has no waypoint")
 
     def _check_environment(self) -> None:
         names = [name for name, _ in self.env]
@@ -214,7 +262,12 @@ class RoutesOptions:
     @property
     def kinds(self) -> tuple[str, ...]:
         if self.resources is not None:
-            return tuple(k for k in self.kinds_available if k in self.resources)
+            wanted = set(self.resources)
+            if "VirtualService" in wanted and self.mesh_routing:
+                wanted.add("MeshVirtualService")  # both are VirtualServices: asking for the kind gets both
+            if "AuthorizationPolicy" in wanted and self.waypoint is not None:
+                wanted.add("WaypointPolicy")
+            return tuple(k for k in self.kinds_available if k in wanted)
         kinds: tuple[str, ...] = ISTIO_KINDS if self.flavour == "istio" else GATEWAY_API_KINDS
         left_out = set()
         if not self.gateway:
@@ -229,7 +282,15 @@ class RoutesOptions:
         if self.mesh_routing and self.flavour == "istio":
             at = kinds.index("VirtualService") + 1
             kinds = (*kinds[:at], "MeshVirtualService", *kinds[at:])
-        return kinds + (("HeadlessService",) if self.headless else ())
+        if self.waypoint is not None and "AuthorizationPolicy" in kinds:
+            at = kinds.index("AuthorizationPolicy") + 1
+            kinds = (*kinds[:at], "WaypointPolicy", *kinds[at:])
+        extra = (
+            ("HeadlessService", self.headless),
+            ("NetworkPolicy", self.network_policy),
+            ("PodMonitor", self.pod_monitor and self.metrics_port is not None),
+        )
+        return kinds + tuple(kind for kind, wanted in extra if wanted)
 
     @property
     def autoscaled(self) -> bool:
@@ -242,7 +303,40 @@ class RoutesOptions:
 
     @property
     def gateway_ref(self) -> str:
-        return self.gateway_name or f"{self.name}-gateway"
+        return self.gateway_name or SHARED_GATEWAY
+
+    @property
+    def gateway_selector_or_default(self) -> dict[str, str]:
+        """The Istio Gateway's pod selector: the one given, else the ingress install's label."""
+        if self.gateway_selector:
+            return dict(self.gateway_selector)
+        key, value = INGRESS_INSTALLS[self.ingress][0]
+        return {key: value}
+
+    @property
+    def gateway_pod_namespace(self) -> str:
+        """Where the gateway's pods run (for a NetworkPolicy that admits them)."""
+        if self.flavour == "gateway-api":
+            return self.gateway_namespace or self.namespace
+        return INGRESS_INSTALLS[self.ingress][1]
+
+    @property
+    def l7_on_pods(self) -> bool:
+        """Whether the policy on the pods may match paths: only a sidecar enforces L7 there.
+
+        Istio, ambient L4 policy: "The ztunnel cannot enforce L7 policies. If a policy with
+        rules matching L7 attributes ... is targeted such that it will be enforced by a
+        receiving ztunnel, it will fail safe by becoming a DENY policy."
+        """
+        return self.data_plane == "sidecar"
+
+    @property
+    def version_label(self) -> str:
+        """The image's tag, as a label value (Istio's telemetry reads ``version``)."""
+        image = self.image or ""
+        tag = image.rsplit(":", 1)[1] if ":" in image.rsplit("/", 1)[-1] and "@" not in image else ""
+        tag = re.sub(r"[^A-Za-z0-9_.-]", "-", tag)[:63].strip("-_.")
+        return tag or "unversioned"
 
     @property
     def gateway_principal_or_default(self) -> str:
@@ -257,7 +351,13 @@ class RoutesOptions:
         if self.flavour == "gateway-api":
             namespace = self.gateway_namespace or self.namespace
             return f"{self.trust_domain}/ns/{namespace}/sa/{self.gateway_ref}-{self.gateway_class}"
-        return f"{self.trust_domain}/{INGRESS_GATEWAY_ACCOUNT}"
+        _, namespace, account = INGRESS_INSTALLS[self.ingress]
+        return f"{self.trust_domain}/ns/{namespace}/sa/{account}"
+
+    @property
+    def waypoint_principal(self) -> str | None:
+        """The waypoint's identity: what the receiving ztunnel sees as the source of calls it forwards."""
+        return f"{self.trust_domain}/ns/{self.namespace}/sa/{self.waypoint}" if self.waypoint else None
 
     @property
     def principal(self) -> str:

@@ -70,10 +70,19 @@ def deployment(options: RoutesOptions, config: Config) -> dict[str, Any]:
     drain_total = grace_period(config)
     proxy_config = (
         "holdApplicationUntilProxyStarts: true\n"
-        # The classic sidecar must outlive the app's whole drain (Istio's default is 5s).
+        # The classic sidecar must outlive the app's whole drain (Istio's default is 5s)...
         f"terminationDrainDuration: {drain_total}s\n"
+        # ...but no longer than the app's connections: once the drain delay is over (the app
+        # accepts calls until then), it exits when the last connection is gone.
+        "proxyMetadata:\n"
+        '  EXIT_ON_ZERO_ACTIVE_CONNECTIONS: "true"\n'
+        f"  MINIMUM_DRAIN_DURATION: {math.ceil(config.drain_delay) + 1}s\n"
     )
-    annotations = {"proxy.istio.io/config": proxy_config}
+    annotations = {
+        "proxy.istio.io/config": proxy_config,
+        # The gRPC probes go through the sidecar's agent whatever the mesh-wide default says.
+        "sidecar.istio.io/rewriteAppHTTPProbers": "true",
+    }
     ports = [{"name": "grpc", "containerPort": port, "protocol": "TCP"}]
     if options.metrics_port is not None:
         # Prometheus finds the pod by these; with a sidecar, Istio's metrics merging rewrites
@@ -97,11 +106,15 @@ def deployment(options: RoutesOptions, config: Config) -> dict[str, Any]:
         container["envFrom"] = _env_from(options)
     container.update(
         {
-            # Readiness on "" (NOT_SERVING while draining), liveness on its own name.
-            "readinessProbe": {"grpc": {"port": port}, "periodSeconds": 2, "failureThreshold": 1},
+            # Readiness on "" (NOT_SERVING while draining), liveness on its own name.  A
+            # terminating pod leaves the endpoints at once (its deletion makes it unready), so
+            # readiness need not be quick: it pulls a pod after three failed probes over 10-15 s
+            # (a failing check, a lost sidecar), not after one event-loop stall of a second.
+            "readinessProbe": {"grpc": {"port": port}, "periodSeconds": 5, "timeoutSeconds": 2, "failureThreshold": 3},
             "livenessProbe": {
                 "grpc": {"port": port, "service": config.liveness_service},
                 "periodSeconds": 10,
+                "timeoutSeconds": 2,
                 "failureThreshold": 3,
             },
             # Startup (lifespan, sidecar wait) may take a while; liveness waits for it.
@@ -112,15 +125,19 @@ def deployment(options: RoutesOptions, config: Config) -> dict[str, Any]:
             },
             # The CPU request is what the autoscaler's utilisation is a percentage of.
             "resources": {
-                "requests": {"cpu": options.cpu_request, "memory": "128Mi"},
-                "limits": {"memory": "512Mi"},
+                "requests": {"cpu": options.cpu_request, "memory": options.memory_request},
+                "limits": {"memory": options.memory_limit},
             },
             "securityContext": {
                 "allowPrivilegeEscalation": False,
                 "readOnlyRootFilesystem": True,
                 "capabilities": {"drop": ["ALL"]},
             },
-            "volumeMounts": [{"name": "podinfo", "mountPath": PODINFO_DIR, "readOnly": True}],
+            "volumeMounts": [
+                {"name": "podinfo", "mountPath": PODINFO_DIR, "readOnly": True},
+                # The root filesystem is read-only; Python's tempfile and libraries need /tmp.
+                {"name": "tmp", "mountPath": "/tmp"},
+            ],
         }
     )
     spec: dict[str, Any] = {}
@@ -132,7 +149,16 @@ def deployment(options: RoutesOptions, config: Config) -> dict[str, Any]:
         {
             "selector": {"matchLabels": selector(options)},
             "template": {
-                "metadata": {"labels": {**labels(options), "app": options.name}, "annotations": annotations},
+                "metadata": {
+                    "labels": {
+                        **labels(options),
+                        "app": options.name,
+                        # Istio's telemetry and Kiali read the workload's version from these.
+                        "app.kubernetes.io/version": options.version_label,
+                        "version": options.version_label,
+                    },
+                    "annotations": annotations,
+                },
                 "spec": {
                     "serviceAccountName": options.name,
                     "terminationGracePeriodSeconds": drain_total,
@@ -152,6 +178,15 @@ def deployment(options: RoutesOptions, config: Config) -> dict[str, Any]:
                             ]
                         }
                     },
+                    # Across zones too, where the scheduler can: a zone's outage takes some replicas, not all.
+                    "topologySpreadConstraints": [
+                        {
+                            "maxSkew": 1,
+                            "topologyKey": "topology.kubernetes.io/zone",
+                            "whenUnsatisfiable": "ScheduleAnyway",
+                            "labelSelector": {"matchLabels": selector(options)},
+                        }
+                    ],
                     "securityContext": {
                         "runAsNonRoot": True,
                         "runAsUser": 65532,
@@ -165,7 +200,8 @@ def deployment(options: RoutesOptions, config: Config) -> dict[str, Any]:
                             "downwardAPI": {
                                 "items": [{"path": "annotations", "fieldRef": {"fieldPath": "metadata.annotations"}}]
                             },
-                        }
+                        },
+                        {"name": "tmp", "emptyDir": {"sizeLimit": "64Mi"}},
                     ],
                 },
             },
@@ -209,11 +245,15 @@ def horizontal_pod_autoscaler(options: RoutesOptions, config: Config) -> dict[st
             "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": options.name},
             "minReplicas": options.replicas,
             "maxReplicas": options.max_replicas,
+            # The app container's CPU alone (ContainerResource, stable since Kubernetes 1.30): a
+            # pod's "Resource" utilisation averages in the sidecar, and an app at 120 % of its
+            # request beside an idle proxy reads about 65 %, so nothing would scale.
             "metrics": [
                 {
-                    "type": "Resource",
-                    "resource": {
+                    "type": "ContainerResource",
+                    "containerResource": {
                         "name": "cpu",
+                        "container": options.name,
                         "target": {"type": "Utilization", "averageUtilization": options.target_cpu},
                     },
                 }
@@ -234,5 +274,54 @@ def pod_disruption_budget(options: RoutesOptions) -> dict[str, Any]:
         "apiVersion": "policy/v1",
         "kind": "PodDisruptionBudget",
         "metadata": metadata(options),
-        "spec": {"maxUnavailable": 1, "selector": {"matchLabels": selector(options)}},
+        "spec": {
+            "maxUnavailable": 1,
+            "selector": {"matchLabels": selector(options)},
+            # A crash-looping pod must not block a node drain: it serves nothing, so evicting it
+            # costs nothing (Kubernetes 1.31 GA; the default, IfHealthyBudget, would wait).
+            "unhealthyPodEvictionPolicy": "AlwaysAllow",
+        },
+    }
+
+
+HBONE_PORT = 15008  # ambient: ztunnel delivers every call to the pod on this port
+AGENT_PORT = 15020  # sidecar: the agent's merged /stats/prometheus, what Prometheus scrapes
+
+
+def network_policy(options: RoutesOptions, config: Config) -> dict[str, Any]:
+    """Kubernetes NetworkPolicy (``--network-policy``): defence in depth under the mesh's own
+    policy.  Calls come from the gateway's namespace and the ``--allow-from`` namespaces,
+    on the gRPC port and, in ambient, on ztunnel's HBONE port 15008 (Istio's ambient docs:
+    a NetworkPolicy must allow it); scrapers reach the metrics ports.  The kubelet's probes
+    are always let in: "traffic to and from the node where a Pod is running is always
+    allowed" (Kubernetes docs)."""
+    namespaces = sorted({options.gateway_pod_namespace, *(c.partition("/")[0] for c in options.allow_from)})
+    callers = [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": n}}} for n in namespaces]
+    grpc_ports = [{"protocol": "TCP", "port": config.port}]
+    if options.data_plane != "sidecar":
+        grpc_ports.append({"protocol": "TCP", "port": HBONE_PORT})
+    ingress: list[dict[str, Any]] = [{"from": callers, "ports": grpc_ports}]
+    if options.metrics_port is not None:
+        scrape = [{"protocol": "TCP", "port": options.metrics_port}]
+        if options.data_plane != "ambient":
+            scrape.append({"protocol": "TCP", "port": AGENT_PORT})
+        ingress.append({"ports": scrape})
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": metadata(options),
+        "spec": {"podSelector": {"matchLabels": selector(options)}, "policyTypes": ["Ingress"], "ingress": ingress},
+    }
+
+
+def pod_monitor(options: RoutesOptions) -> dict[str, Any]:
+    """The Prometheus Operator's PodMonitor (``--pod-monitor``): scrapes ``http-metrics`` on each pod."""
+    return {
+        "apiVersion": "monitoring.coreos.com/v1",
+        "kind": "PodMonitor",
+        "metadata": metadata(options),
+        "spec": {
+            "selector": {"matchLabels": selector(options)},
+            "podMetricsEndpoints": [{"port": "http-metrics", "path": "/metrics"}],
+        },
     }
