@@ -18,7 +18,7 @@ from google.protobuf.message import DecodeError
 
 from ._errors import AppError
 from ._failures import HANDLER_ERRORS, fail, wrong_reply
-from ._middleware import Middleware, applicable, compose, replies_written
+from ._middleware import Middleware, applicable, compose
 from ._rpc_context import current_rpc
 from ._service import MethodSpec, RpcKind
 from ._sync import adapt, is_sync
@@ -115,134 +115,51 @@ async def _checked(
         yield request
 
 
-def _wrap(
-    spec: MethodSpec,
-    impl: Handler,
-    inflight: InFlight,
-    observe: Observe | None,
-    chained: bool,
-    intercepted: bool,
-    parse: Callable[[bytes], Any] | None,
-) -> Handler:
-    """``impl`` with meshrpc's outer layer: checks, in-flight count, error mapping, telemetry.
+_WRAPPERS: set[Any] = set()  # the code objects of the wrappers below, for running_rpcs()
 
-    Telemetry is a begin/finish pair called here, not a layer of its own: it sees the
-    status the client gets (a wrong reply type included) and adds no coroutine frame,
-    and no generator per streamed message.  ``chained``: ``impl`` is the middleware
-    chain, which writes (and counts) a stream's replies itself.  ``intercepted``: the
-    server has grpc.aio interceptors, so a stream's handler must be an async generator
-    (they wrap it so).  ``parse``: the request comes as bytes, for this layer to parse.
-    The three shapes below repeat one prologue inline, on purpose: a shared helper
-    would be one more coroutine call per RPC, which is what the prologue costs.
-    """
-    kind = spec.kind
-    abort_error = grpc.aio.AbortError
-    cancelled_error = asyncio.CancelledError
-    # Each RPC runs in its own task: setting the variable needs no reset.
-    enter = current_rpc.set
-    invalid = grpc.StatusCode.INVALID_ARGUMENT
-    reply_class = spec.response_type
-    begin = observe(spec) if observe is not None else None
-    malformed = _malformed_reason(spec)
 
-    if kind in (RpcKind.UNARY_UNARY, RpcKind.STREAM_UNARY):
-        streaming_requests = kind is RpcKind.STREAM_UNARY
+class _Outer:
+    """What every wrapper shape below needs, worked out once per method."""
 
-        async def replying(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-            enter(context)
-            if parse is not None:
-                try:
-                    request = parse(request)
-                except DecodeError:
-                    await _refuse(context, begin, invalid, malformed)
-            elif request.__class__ is _Malformed:  # a unary request only: a stream's are checked as read
-                await _refuse(context, begin, invalid, request.reason)
-            if inflight.count >= inflight.limit:
-                await _over_limit(context, inflight, begin)
-            inflight.count += 1
-            obs = begin(context) if begin is not None else None
-            error: BaseException | None = None
-            try:
-                reply = await impl(_checked(request, context, obs) if streaming_requests else request, context)
-                if reply.__class__ is not reply_class and not isinstance(reply, reply_class):
-                    await wrong_reply(context, spec, reply)
-                return reply
-            except abort_error as exc:
-                error = exc
-                raise
-            except cancelled_error as exc:
-                error = exc
-                inflight.cancelled += 1
-                raise
-            except HANDLER_ERRORS as exc:
-                error = exc
-                await fail(context, spec, exc)
-            finally:
-                inflight.count -= 1
-                if obs is not None:
-                    obs.finish(error, None)
+    __slots__ = ("begin", "inflight", "malformed", "parse", "reply_class", "spec")
 
-        _WRAPPERS.add(replying.__code__)
-        return replying
+    def __init__(
+        self, spec: MethodSpec, inflight: InFlight, observe: Observe | None, parse: Callable[[bytes], Any] | None
+    ) -> None:
+        self.spec = spec
+        self.inflight = inflight
+        self.begin = observe(spec) if observe is not None else None
+        self.parse = parse  # the request comes as bytes, for the wrapper to parse
+        self.malformed = _malformed_reason(spec)
+        self.reply_class = spec.response_type
 
-    def first_arg(request: Any, context: grpc.aio.ServicerContext[Any, Any], obs: Observation | None) -> Any:
-        return request if kind is RpcKind.UNARY_STREAM else _checked(request, context, obs)
 
-    if inspect.isasyncgenfunction(impl):
-        # The user's generator is driven here and each reply written with
-        # context.write, rather than re-yielded to grpc through a second generator.
-        # The wrapper is a coroutine: grpc awaits it, and a write that waits for the
-        # transport suspends through one frame of meshrpc's, not through an async
-        # generator's as well (8 to 29 µs per 10-message stream under load).
-        async def streaming(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
-            enter(context)
-            if parse is not None:
-                try:
-                    request = parse(request)
-                except DecodeError:
-                    await _refuse(context, begin, invalid, malformed)
-            elif request.__class__ is _Malformed:
-                await _refuse(context, begin, invalid, request.reason)
-            if inflight.count >= inflight.limit:
-                await _over_limit(context, inflight, begin)
-            inflight.count += 1
-            obs = begin(context) if begin is not None else None
-            error: BaseException | None = None
-            write = context.write
-            sent = 0
-            try:
-                async for reply in impl(first_arg(request, context, obs), context):
-                    if reply.__class__ is not reply_class and not isinstance(reply, reply_class):
-                        await wrong_reply(context, spec, reply)
-                    await write(reply)
-                    sent += 1
-            except abort_error as exc:
-                error = exc
-                raise
-            except cancelled_error as exc:
-                error = exc
-                inflight.cancelled += 1
-                raise
-            except HANDLER_ERRORS as exc:
-                error = exc
-                await fail(context, spec, exc)
-            finally:
-                inflight.count -= 1
-                if obs is not None:
-                    obs.finish(error, replies_written() if chained else sent)
+# meshrpc's outer layer around a method: request checks, the in-flight count, error
+# mapping and telemetry.  One builder per shape of RPC, each readable top to bottom.
+# Telemetry is a begin/finish pair called inline, not a layer of its own: it sees the
+# status the client gets (a wrong reply type included) and adds no coroutine frame, and
+# no generator per streamed message.  The prologue is repeated inline in each shape on
+# purpose: a shared helper would be one more call per RPC, which is what it costs.
+# Each RPC runs in its own task, so setting current_rpc needs no reset.
 
-        _WRAPPERS.add(streaming.__code__)
-        return _as_generator(streaming) if intercepted else streaming
 
-    # A coroutine that writes its replies with context.write(): meshrpc does not see them.
-    async def writing(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+def _single_reply(outer: _Outer, impl: Handler) -> Handler:
+    """Unary and client-streaming: ``impl`` returns the one reply."""
+    spec, inflight, begin, parse, malformed, reply_class = (
+        outer.spec, outer.inflight, outer.begin, outer.parse, outer.malformed, outer.reply_class,
+    )  # fmt: skip
+    streaming_requests = spec.kind is RpcKind.STREAM_UNARY
+    enter, invalid = current_rpc.set, grpc.StatusCode.INVALID_ARGUMENT
+    abort_error, cancelled_error = grpc.aio.AbortError, asyncio.CancelledError
+
+    async def replying(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         enter(context)
         if parse is not None:
             try:
                 request = parse(request)
             except DecodeError:
                 await _refuse(context, begin, invalid, malformed)
-        elif request.__class__ is _Malformed:
+        elif request.__class__ is _Malformed:  # a unary request only: a stream's are checked as read
             await _refuse(context, begin, invalid, request.reason)
         if inflight.count >= inflight.limit:
             await _over_limit(context, inflight, begin)
@@ -250,7 +167,10 @@ def _wrap(
         obs = begin(context) if begin is not None else None
         error: BaseException | None = None
         try:
-            await impl(first_arg(request, context, obs), context)
+            reply = await impl(_checked(request, context, obs) if streaming_requests else request, context)
+            if reply.__class__ is not reply_class and not isinstance(reply, reply_class):
+                await wrong_reply(context, spec, reply)
+            return reply
         except abort_error as exc:
             error = exc
             raise
@@ -266,11 +186,105 @@ def _wrap(
             if obs is not None:
                 obs.finish(error, None)
 
+    _WRAPPERS.add(replying.__code__)
+    return replying
+
+
+def _iterated_stream(outer: _Outer, impl: Handler) -> Handler:
+    """Server-streaming and bidirectional, ``impl`` an async generator: driven here, each
+    reply written with ``context.write``, not re-yielded to grpc through a generator of
+    meshrpc's (a write that waits for the transport suspends through one frame, not two)."""
+    spec, inflight, begin, parse, malformed, reply_class = (
+        outer.spec, outer.inflight, outer.begin, outer.parse, outer.malformed, outer.reply_class,
+    )  # fmt: skip
+    streaming_requests = spec.kind is RpcKind.STREAM_STREAM
+    enter, invalid = current_rpc.set, grpc.StatusCode.INVALID_ARGUMENT
+    abort_error, cancelled_error = grpc.aio.AbortError, asyncio.CancelledError
+
+    async def streaming(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        enter(context)
+        if parse is not None:
+            try:
+                request = parse(request)
+            except DecodeError:
+                await _refuse(context, begin, invalid, malformed)
+        elif request.__class__ is _Malformed:
+            await _refuse(context, begin, invalid, request.reason)
+        if inflight.count >= inflight.limit:
+            await _over_limit(context, inflight, begin)
+        inflight.count += 1
+        obs = begin(context) if begin is not None else None
+        error: BaseException | None = None
+        write = context.write
+        sent = 0
+        try:
+            async for reply in impl(_checked(request, context, obs) if streaming_requests else request, context):
+                if reply.__class__ is not reply_class and not isinstance(reply, reply_class):
+                    await wrong_reply(context, spec, reply)
+                await write(reply)
+                sent += 1
+        except abort_error as exc:
+            error = exc
+            raise
+        except cancelled_error as exc:
+            error = exc
+            inflight.cancelled += 1
+            raise
+        except HANDLER_ERRORS as exc:
+            error = exc
+            await fail(context, spec, exc)
+        finally:
+            inflight.count -= 1
+            if obs is not None:
+                obs.finish(error, sent)
+
+    _WRAPPERS.add(streaming.__code__)
+    return streaming
+
+
+def _delegated_stream(outer: _Outer, impl: Handler) -> Handler:
+    """Server-streaming and bidirectional, ``impl`` a coroutine that writes the replies
+    itself and returns how many it wrote (the middleware chain), or None when that is
+    not known (a handler using ``context.write``)."""
+    spec, inflight, begin, parse, malformed = outer.spec, outer.inflight, outer.begin, outer.parse, outer.malformed
+    streaming_requests = spec.kind is RpcKind.STREAM_STREAM
+    enter, invalid = current_rpc.set, grpc.StatusCode.INVALID_ARGUMENT
+    abort_error, cancelled_error = grpc.aio.AbortError, asyncio.CancelledError
+
+    async def writing(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        enter(context)
+        if parse is not None:
+            try:
+                request = parse(request)
+            except DecodeError:
+                await _refuse(context, begin, invalid, malformed)
+        elif request.__class__ is _Malformed:
+            await _refuse(context, begin, invalid, request.reason)
+        if inflight.count >= inflight.limit:
+            await _over_limit(context, inflight, begin)
+        inflight.count += 1
+        obs = begin(context) if begin is not None else None
+        error: BaseException | None = None
+        sent: Any = None
+        try:
+            sent = await impl(_checked(request, context, obs) if streaming_requests else request, context)
+        except abort_error as exc:
+            error = exc
+            raise
+        except cancelled_error as exc:
+            error = exc
+            inflight.cancelled += 1
+            raise
+        except HANDLER_ERRORS as exc:
+            error = exc
+            await fail(context, spec, exc)
+        finally:
+            inflight.count -= 1
+            if obs is not None:
+                obs.finish(error, sent if sent.__class__ is int else None)
+
     _WRAPPERS.add(writing.__code__)
     return writing
-
-
-_WRAPPERS: set[Any] = set()  # the code objects of the wrappers above, for running_rpcs()
 
 
 def running_rpcs() -> list[str]:
@@ -332,7 +346,6 @@ def method_handler(
     # as context.read() gives them, and so is any request interceptors read first.
     single = spec.kind in (RpcKind.UNARY_UNARY, RpcKind.UNARY_STREAM)
     parse = spec.request_type.FromString if single and not intercepted else None
-    chain: tuple[Middleware, ...] = ()
     if spec.impl is None:
         handler = _unimplemented(spec)
     else:
@@ -343,9 +356,16 @@ def method_handler(
             impl = adapt(spec, impl, pool)
         chain = applicable(spec, middleware)
         if chain:
-            impl = compose(spec, chain, impl)
-        counted = inflight if inflight is not None else InFlight()
-        handler = _wrap(spec, impl, counted, observe, bool(chain), intercepted, parse)
+            impl = compose(spec, chain, impl)  # a stream's chain writes the replies and counts them
+        outer = _Outer(spec, inflight if inflight is not None else InFlight(), observe, parse)
+        if spec.kind in (RpcKind.UNARY_UNARY, RpcKind.STREAM_UNARY):
+            handler = _single_reply(outer, impl)
+        elif inspect.isasyncgenfunction(impl):
+            handler = _iterated_stream(outer, impl)
+        else:
+            handler = _delegated_stream(outer, impl)
+        if intercepted and spec.kind in (RpcKind.UNARY_STREAM, RpcKind.STREAM_STREAM):
+            handler = _as_generator(handler)  # grpc.aio interceptors wrap a stream's handler as a generator
     factory: Any = _FACTORIES[spec.kind]
     result: grpc.RpcMethodHandler[Any, Any] = factory(
         handler,

@@ -19,7 +19,7 @@ from __future__ import annotations
 import contextvars
 import inspect
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, Protocol, TypeVar
 
 import grpc
@@ -307,18 +307,14 @@ async def _never_called_next(call: Call, chain: tuple[Middleware, ...]) -> None:
     await call.context.abort(grpc.StatusCode.INTERNAL, INTERNAL_DETAILS)
 
 
-def replies_written() -> int | None:
-    """The replies the current RPC's chain has written (0 if the chain never started; None
-    if its handler writes them itself)."""
-    call = _current.get(None)
-    return call._sent if call is not None else 0
-
-
 def compose(spec: MethodSpec, middleware: tuple[Middleware, ...], impl: Handler) -> Handler:
-    """``impl`` behind ``middleware`` (first in the list runs first), as a grpc.aio behaviour.
+    """``impl`` behind ``middleware`` (first in the list runs first), as one coroutine.
 
-    Server-streaming replies are written with ``context.write`` inside the chain, so
-    middleware runs around the whole stream and nothing re-yields each message.
+    ``await composed(request, context)`` runs the whole RPC through the chain and returns
+    the reply for the single-reply kinds, and for server streams the number of replies
+    the chain wrote (None when the handler writes them itself with ``context.write``):
+    streamed replies are written inside the chain, so middleware runs around the whole
+    stream and nothing re-yields each message.
     """
     rest: Any = _innermost(spec, impl, middleware)
     for depth in range(len(middleware), 1, -1):
@@ -328,25 +324,30 @@ def compose(spec: MethodSpec, middleware: tuple[Middleware, ...], impl: Handler)
     enter = _current.set
     handled = len(middleware) + 1
 
-    async def handle(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+    # Two shapes, one body: what they return is all that differs (a shared helper would
+    # be one more coroutine frame per RPC).
+    if spec.kind in (RpcKind.UNARY_UNARY, RpcKind.STREAM_UNARY):
+
+        async def reply(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            call = Call(spec, context, None if streaming_requests else request)
+            call._requests = request
+            call._reached = 1
+            enter(call)  # each RPC runs in its own task: no reset needed
+            await first(call, rest)
+            if call._reached != handled:
+                await _never_called_next(call, middleware)
+            return call._reply
+
+        return reply
+
+    async def stream(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> int | None:
         call = Call(spec, context, None if streaming_requests else request)
         call._requests = request
         call._reached = 1
-        enter(call)  # each RPC runs in its own task: no reset needed
+        enter(call)
         await first(call, rest)
         if call._reached != handled:
             await _never_called_next(call, middleware)
-        return call._reply
+        return call._sent
 
-    if spec.kind in (RpcKind.UNARY_UNARY, RpcKind.STREAM_UNARY):
-        return handle
-
-    # Server streams keep the shape generated code has, an async generator, because
-    # interceptors (OpenTelemetry's among them) iterate a streaming handler with
-    # `async for`.  It yields nothing: the replies were written inside the chain.
-    async def handle_stream(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
-        await handle(request, context)
-        return
-        yield
-
-    return handle_stream
+    return stream
