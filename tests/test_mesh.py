@@ -109,11 +109,11 @@ async def test_readiness_waits_for_the_sidecar() -> None:
             )
         )
         for _ in range(200):
-            if app._server is not None and app._server.port:
+            if app.server is not None and app.server.port:
                 break
             await asyncio.sleep(0.01)
-        assert app._server is not None
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{app._server.port}") as channel:
+        assert app.server is not None
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{app.server.port}") as channel:
             await asyncio.sleep(0.3)
             readiness: list[int] = []
             liveness: list[int] = []

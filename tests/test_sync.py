@@ -176,3 +176,60 @@ def test_the_servicer_answers_as_it_did_on_grpc_server() -> None:
         got = _outcomes(served.target)
     assert got == expected
     assert expected[1] == (grpc.StatusCode.NOT_FOUND, "no such thing")  # the comparison is not of empty lists
+
+
+async def test_a_callback_added_after_the_rpc_ended_still_runs() -> None:
+    """A 'def' handler hands its context to a thread that registers a callback late: grpc
+    has run the RPC's done callbacks by then, and a callback registered after that must
+    still be called (it was silently dropped)."""
+    import threading
+
+    called = threading.Event()
+
+    class Late(echo_pb2_grpc.EchoServicer):
+        def Unary(self, request: echo_pb2.EchoRequest, context: grpc.ServicerContext) -> echo_pb2.EchoReply:
+            def later() -> None:
+                time.sleep(0.3)  # the RPC has ended by now
+                assert not context.is_active()
+                context.add_callback(called.set)
+
+            threading.Thread(target=later, daemon=True).start()
+            return echo_pb2.EchoReply(text=request.text)
+
+    async with testing.serve(meshrpc.App("late", services=[Late()])) as channel:
+        assert (await echo_pb2_grpc.EchoStub(channel).Unary(echo_pb2.EchoRequest(text="x"))).text == "x"
+        assert await asyncio.to_thread(called.wait, 3.0)
+
+
+def test_close_racing_next_never_leaves_a_thread_waiting() -> None:
+    """close() from the loop while the handler's thread is between its check and its wait."""
+    import threading
+
+    from meshrpc._sync import RequestIterator
+
+    async def never() -> AsyncIterator[int]:
+        await asyncio.Event().wait()
+        yield 0
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        for round_ in range(200):
+            iterator = RequestIterator(never(), loop)
+            outcome: list[str] = []
+
+            def pull(it: RequestIterator = iterator, out: list[str] = outcome) -> None:
+                try:
+                    next(it)
+                except grpc.RpcError:
+                    out.append("ended")
+
+            thread = threading.Thread(target=pull, daemon=True)
+            thread.start()
+            if round_ % 2:
+                await asyncio.sleep(0)
+            iterator.close()
+            await asyncio.to_thread(thread.join, 2.0)
+            assert not thread.is_alive(), f"round {round_}: next() still waits after close()"
+            assert outcome == ["ended"]
+
+    asyncio.run(main())

@@ -77,7 +77,7 @@ def otel() -> Iterator[Otel]:
 async def test_no_sdk_means_nothing_observes_the_rpcs() -> None:
     _reset_globals()
     async with testing.running(app) as server:
-        assert server.server._observer() is None
+        assert server.server.assembly is not None and server.server.assembly.observed is False
 
 
 async def test_unary_span_follows_the_rpc_conventions(otel: Otel) -> None:

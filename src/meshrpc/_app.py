@@ -6,6 +6,7 @@ import asyncio
 import inspect
 import os
 import re
+import typing
 from collections.abc import Callable, Iterable
 from contextlib import AbstractAsyncContextManager
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -17,7 +18,7 @@ from ._errors import AppError
 from ._health import ReadinessCheck
 from ._interceptors import check_interceptors
 from ._middleware import Middleware, check_middleware
-from ._service import Service, ServiceSpec, describe
+from ._service import ServiceSpec, attach, describe
 
 if TYPE_CHECKING:
     from ._server import Server
@@ -65,13 +66,13 @@ class App:
         self.interceptors: tuple[grpc.aio.ServerInterceptor, ...] = check_interceptors(interceptors)
         self.intercept_builtins = intercept_builtins
         self._checks: dict[str, ReadinessCheck] = {}
-        self._draining = asyncio.Event()
+        self._idle: asyncio.Event | None = None  # draining while not served: never set
         self._server: Server | None = None
+        self._last: Server | None = None  # the last serving's, whose draining event stays readable
         specs: list[ServiceSpec] = []
         for servicer in services:
             specs.extend(describe(servicer))
-            if isinstance(servicer, Service):
-                servicer._meshrpc_app = self
+            attach(servicer, self)
         seen: set[str] = set()
         for spec in specs:
             if spec.name in seen:
@@ -84,10 +85,31 @@ class App:
 
     @property
     def draining(self) -> asyncio.Event:
-        """Set when the server starts to drain; long-running handlers can await it."""
-        return self._draining
+        """Set when the server starts to drain; long-running handlers can await it.
 
-    def readiness_check(self, check: C | None = None, *, name: str | None = None) -> Any:
+        The event of the serving in progress, or of the last one; before any, an event
+        that is never set.
+        """
+        if self._server is not None:
+            return self._server.draining
+        if self._last is not None:
+            return self._last.draining
+        if self._idle is None:
+            self._idle = asyncio.Event()
+        return self._idle
+
+    @property
+    def server(self) -> Server | None:
+        """The :class:`Server` serving the app now (its port, health and state), or None."""
+        return self._server
+
+    @typing.overload
+    def readiness_check(self, check: C, *, name: str | None = None) -> C: ...
+
+    @typing.overload
+    def readiness_check(self, check: None = None, *, name: str | None = None) -> Callable[[C], C]: ...
+
+    def readiness_check(self, check: C | None = None, *, name: str | None = None) -> C | Callable[[C], C]:
         """Register an async readiness check (usable as a decorator, with or without arguments).
 
         It is polled every ``health_check_interval`` with ``health_check_timeout``;
@@ -98,7 +120,8 @@ class App:
         def register(fn: C) -> C:
             is_async: bool = inspect.iscoroutinefunction(fn)
             if not is_async:
-                raise AppError(f"readiness check {fn!r} must be an 'async def' function")
+                shown = getattr(fn, "__qualname__", None) or repr(fn)
+                raise AppError(f"readiness check {shown} must be an 'async def' function")
             key: str = name or getattr(fn, "__qualname__", None) or repr(fn)
             if key in self._checks:
                 raise AppError(f"readiness check {key!r} is registered twice")
@@ -119,7 +142,7 @@ class App:
         from ._server import Server
 
         server = Server(self, config if config is not None else self.config)
-        self._server = server
+        self._server = self._last = server
         try:
             return await server.serve(install_signal_handlers=install_signal_handlers)
         finally:

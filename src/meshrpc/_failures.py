@@ -15,10 +15,8 @@ logger = logging.getLogger("meshrpc.handlers")
 INTERNAL_DETAILS = "Internal server error"
 
 # What a handler raises, but for aborts and cancellation, is its own bug, answered
-# INTERNAL: BaseException, not Exception.  asyncio re-raises a task's SystemExit or
-# KeyboardInterrupt out of the event loop itself, so a handler's `sys.exit()` tore
-# down the loop under grpc's live server and the process died with SIGSEGV
-# (exit 139) before any drain or log.  Caught here, grpc never sees one.
+# INTERNAL: BaseException, not Exception, because asyncio re-raises a task's SystemExit
+# or KeyboardInterrupt out of the event loop itself, under grpc's live server.
 HANDLER_ERRORS = BaseException
 
 

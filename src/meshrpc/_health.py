@@ -119,6 +119,7 @@ class Health:
         await self.publish()
 
 
+CANCEL_WAIT = 1.0  # seconds a cancelled check gets to finish its cleanup
 REMIND_EVERY = 60.0  # seconds between "still failing" lines for a check that keeps failing
 
 
@@ -171,7 +172,13 @@ async def _run_check(name: str, check: ReadinessCheck, timeout: float, log: Chec
     # Not wait_for: it waits for the cancelled check to end, for ever when the check
     # swallows the cancellation.  The timeout holds whether the check cooperates or not.
     task = asyncio.ensure_future(_guarded(check))
-    await asyncio.wait((task,), timeout=timeout)
+    try:
+        await asyncio.wait((task,), timeout=timeout)
+    except asyncio.CancelledError:  # the server is stopping: the check stops with it, given a moment
+        task.cancel()
+        task.add_done_callback(consume_outcome)
+        await asyncio.wait((task,), timeout=CANCEL_WAIT)
+        raise
     if not task.done():
         task.cancel()
         log.stuck[name] = task

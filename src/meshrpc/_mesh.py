@@ -7,6 +7,7 @@ streams: two requests at startup do not justify an HTTP library dependency.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import dataclasses
 import logging
 import re
@@ -27,22 +28,30 @@ STATUS_LINE_LIMIT = 1024  # bytes read of an HTTP answer: its status line
 DEFAULT_CONNECTION_AGE = 300.0
 
 
-_current: MeshInfo | None = None
+# The mesh of the server whose code is running: set in the server's task before it
+# starts serving, so its RPCs' tasks, its lifespan and its checks inherit it, and two apps
+# served in one process (tests) each see their own.
+_current: contextvars.ContextVar[MeshInfo | None] = contextvars.ContextVar("meshrpc_mesh", default=None)
 
 
 def current_mode() -> str | None:
-    """The mesh mode of the meshrpc server running in this process, if one has started."""
-    return _current.mode if _current is not None else None
+    """The mesh mode of the meshrpc server this code runs under, if one has started."""
+    info = _current.get()
+    return info.mode if info is not None else None
 
 
 def current() -> MeshInfo | None:
-    """The mesh of the meshrpc server running in this process, if one has started."""
-    return _current
+    """The mesh of the meshrpc server this code runs under, if one has started."""
+    return _current.get()
 
 
-def set_current(info: MeshInfo) -> None:
-    global _current
-    _current = info
+def set_current(info: MeshInfo) -> contextvars.Token[MeshInfo | None]:
+    return _current.set(info)
+
+
+def reset_current(token: contextvars.Token[MeshInfo | None] | None) -> None:
+    if token is not None:
+        _current.reset(token)
 
 
 class SidecarNotReady(MeshrpcError):

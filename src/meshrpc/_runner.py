@@ -1,10 +1,8 @@
 """Run a server in a process meshrpc owns, and make sure that process ends.
 
-``asyncio.run`` waits without limit for leftover tasks that ignore cancellation and
-for the default executor's threads (``asyncio.to_thread``), and the interpreter
-then joins those threads again at exit: one stuck readiness check or lifespan
-call kept a drained server alive for ever.  Here every wait is bounded; what is
-still running after it is named in the log and abandoned with ``os._exit``.
+Unlike ``asyncio.run``, which waits without limit for tasks that ignore cancellation
+and for executor threads, every wait here is bounded; what is still running after it
+is named in the log and abandoned with ``os._exit``.
 """
 
 from __future__ import annotations
@@ -51,8 +49,15 @@ def owns_process() -> bool:
 
 def run(main: Coroutine[Any, Any, int]) -> int:
     """Run ``main`` in a new event loop and return its exit code, or exit the process."""
-    global _owned
+    global _owned, _exit_by
     _owned = True
+    try:
+        return _run(main)
+    finally:
+        _owned, _exit_by = False, None  # a process may run a server again (tests, a script)
+
+
+def _run(main: Coroutine[Any, Any, int]) -> int:
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
     abandoned: list[str] = []

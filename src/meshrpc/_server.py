@@ -14,11 +14,10 @@ Signal handlers only set flags (and wake the loop); all work happens here.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextlib
+import contextvars
 import gc
 import logging
-import os
 import signal
 import threading
 import time
@@ -27,23 +26,13 @@ from contextlib import AbstractAsyncContextManager
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
-import grpc
-
-from . import _mesh, _metrics
-from ._bind import check_bindable
-from ._config import Config, env_name
-from ._dispatch import MethodTable
-from ._errors import AppError, BindError, ConfigError
-from ._handlers import InFlight, method_handler
-from ._health import HEALTH_SERVICE, CheckLog, Health, consume_outcome, poll_checks, run_checks
-from ._interceptors import server_interceptors
-from ._otel_setup import configure_sdk
+from . import _assembly, _mesh
+from ._assembly import Assembly
+from ._config import Config
+from ._errors import AppError
+from ._health import CheckLog, Health, consume_outcome, poll_checks, run_checks
 from ._otel_setup import flush as flush_telemetry
-from ._reflection import add_reflection
 from ._runner import exit_by, hard_exit, owns_process
-from ._service import describe
-from ._sync import is_sync
-from ._telemetry import Observe, Telemetry, observer, sdk_configured
 
 if TYPE_CHECKING:
     from ._app import App
@@ -51,6 +40,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger("meshrpc.server")
 HANDLED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 FORCE_EXIT_AFTER = 1.0  # seconds from a second signal to the process's exit, whatever still runs
+TASK_EXIT_WAIT = 1.0  # seconds the server's own tasks (checks, sidecar wait) get to end once cancelled
 
 
 class Server:
@@ -63,19 +53,18 @@ class Server:
         self.mesh: _mesh.MeshInfo | None = None
         self.health: Health | None = None
         self.exit_code = 0
-        self._grpc: grpc.aio.Server | None = None
+        # Set when the drain begins: handlers watch it (app.draining, self.draining in a Service).
+        self.draining = asyncio.Event()
+        self._assembly: Assembly | None = None
         self._stop_requested = asyncio.Event()
         self._force = asyncio.Event()
         self._started = asyncio.Event()
         self._sidecar: asyncio.Task[None] | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._lifespan: AbstractAsyncContextManager[Any] | None = None
-        self._otel_shutdown: Callable[[], None] | None = None
-        self._inflight = InFlight(config.max_concurrent_rpcs)
         self._owns_process = False
-        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
-        self._metrics_endpoint: _metrics.MetricsEndpoint | None = None
         self.phase = "starting"
+        self._mesh_token: contextvars.Token[_mesh.MeshInfo | None] | None = None
 
     @property
     def display_address(self) -> str:
@@ -93,7 +82,17 @@ class Server:
     @property
     def in_flight(self) -> int:
         """RPCs of the app's own services being served now."""
-        return self._inflight.count
+        return self._assembly.inflight.count if self._assembly is not None else 0
+
+    @property
+    def assembly(self) -> Assembly | None:
+        """What the server is built from (its grpc server, port, pool, telemetry), once bound."""
+        return self._assembly
+
+    @property
+    def running(self) -> bool:
+        """Started and not yet stopped."""
+        return self._started.is_set() and self.phase != "stopped"
 
     # -- control -------------------------------------------------------------
 
@@ -148,10 +147,13 @@ class Server:
 
     async def serve(self, *, install_signal_handlers: bool = False) -> int:
         """Start, serve until asked to stop, drain; return the exit code."""
-        self.app._draining = asyncio.Event()
         self._owns_process = owns_process()
         with self._signal_handlers() if install_signal_handlers else contextlib.nullcontext():
             try:
+                self.mesh = await _mesh.detect(self.config)  # bounded: a file read and one short probe
+                logger.info("mesh mode %s (%s)", self.mesh.mode, self.mesh.reason)
+                # Set in this task, before startup's, so everything the app runs inherits it.
+                self._mesh_token = _mesh.set_current(self.mesh)
                 if not await self._startup_unless_stopped():
                     return self.exit_code
                 if install_signal_handlers:
@@ -164,8 +166,10 @@ class Server:
                 await self._drain()
             finally:
                 await self._cleanup()
-                if self._metrics_endpoint is not None:  # scraped through the drain, until the end
-                    self._metrics_endpoint.close()
+                if self._assembly is not None and self._assembly.metrics_endpoint is not None:
+                    self._assembly.metrics_endpoint.close()  # scraped through the drain, until the end
+                self.phase = "stopped"
+                _mesh.reset_current(self._mesh_token)
         if not self._owns_process:  # else the runner says it, once it knows what is left running
             logger.info("shutdown complete, exit code %d", self.exit_code)
         return self.exit_code
@@ -175,6 +179,9 @@ class Server:
         stop = asyncio.ensure_future(self._stop_requested.wait())
         try:
             await asyncio.wait((startup, stop), return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            startup.cancel()  # the caller's own cancellation: it propagates, and startup ends with it
+            raise
         finally:
             stop.cancel()
         if startup.done() and not startup.cancelled():
@@ -206,32 +213,13 @@ class Server:
 
     async def _startup(self) -> None:
         config, app = self.config, self.app
-        self.mesh = await _mesh.detect(config)
-        logger.info("mesh mode %s (%s)", self.mesh.mode, self.mesh.reason)
-        _mesh.set_current(self.mesh)  # outbound channels made in this process follow it
+        assert self.mesh is not None
         if self.mesh.mode == _mesh.SIDECAR:
             self._sidecar = self._task(_mesh.wait_for_sidecar(config.sidecar_ready_url, config.sidecar_ready_timeout))
             self._sidecar.add_done_callback(consume_outcome)  # its error is raised where it is awaited
 
-        if config.port != 0:
-            check_bindable(config.host, config.port, reuse_port=config.reuse_port)
-        # max_concurrent_rpcs is enforced by meshrpc's handlers on the app's own services
-        # (InFlight), so health and reflection always answer.
-        credentials = _tls_credentials(config)  # before the server: a bad file leaves nothing half-made
-        server = grpc.aio.server(
-            options=self._options(),
-            interceptors=server_interceptors(app.interceptors, builtins=app.intercept_builtins),
-        )
-        self._grpc = server
-        try:
-            if credentials is None:
-                self.port = server.add_insecure_port(config.address)
-            else:
-                self.port = server.add_secure_port(config.address, credentials)
-        except RuntimeError:  # lost a race with another process since the check
-            raise BindError(f"cannot listen on {config.address}: the address is in use or not available") from None
-
-        await self._setup_telemetry()
+        self._assembly = assembly = await _assembly.bind(app, config, self.mesh)
+        self.port = assembly.port
 
         if app.lifespan is not None:
             lifespan = app.lifespan(app)
@@ -246,11 +234,11 @@ class Server:
         self.health = health = Health([s.name for s in app.services], config.liveness_service)
         health.proxy_ready = self._sidecar is None
         await health.publish()  # NOT_SERVING until started: the library's default is SERVING
-        names = self._add_handlers(server, health)
+        _assembly.register(assembly, app, config, health)
         self._unless_stopped()
-        await server.start()
+        await assembly.server.start()
         tls = " (mutual TLS)" if config.tls_client_ca_file else " (TLS)" if config.tls_cert_file else ""
-        logger.info("serving app %s on %s%s: %s", app.name, self.display_address, tls, ", ".join(names))
+        logger.info("serving app %s on %s%s: %s", app.name, self.display_address, tls, ", ".join(assembly.names))
         if self._sidecar is not None:
             await asyncio.shield(self._sidecar)
             await health.update(proxy_ready=True)
@@ -270,29 +258,6 @@ class Server:
                 )
             )
 
-    async def _setup_telemetry(self) -> None:
-        """The OpenTelemetry SDK (otel_sdk) and /metrics (metrics_port), before any handler is built."""
-        config, app = self.config, self.app
-        reader = _metrics.prometheus_reader() if config.metrics_port is not None else None
-        if config.otel_sdk:
-            # OTEL_* are the SDK's own standard variables; the SDK reads some of them itself.
-            self._otel_shutdown = configure_sdk(app.name, os.environ, [reader] if reader is not None else [])
-        elif reader is not None:
-            if sdk_configured()[1]:
-                logger.warning(
-                    "metrics_port: a MeterProvider is installed already and meshrpc cannot add a reader to it; "
-                    "/metrics shows the process metrics, and the RPC metrics only if that provider has a "
-                    "PrometheusMetricReader"
-                )
-            else:
-                self._otel_shutdown = _metrics.install_meter_provider(app.name, reader)
-        if config.metrics_port is not None:
-            host = config.host.strip("[]")
-            self._metrics_endpoint = _metrics.MetricsEndpoint(host, config.metrics_port)
-            await self._metrics_endpoint.start()
-            shown = "127.0.0.1" if host in ("::", "0.0.0.0") else config.host
-            logger.info("metrics on http://%s:%d/metrics", shown, self._metrics_endpoint.port)
-
     def _task(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         task = asyncio.ensure_future(coro)
         self._tasks.append(task)
@@ -301,23 +266,30 @@ class Server:
     async def _cleanup(self) -> None:
         for task in self._tasks:
             task.cancel()
-        if self._grpc is not None:
-            await self._grpc.stop(0)  # no-op after a completed drain
-        if self._pool is not None:
-            # Handlers still running past the grace were cancelled; their threads are
-            # not waited for here (the runner gives them a bounded moment at exit).
-            self._pool.shutdown(wait=False, cancel_futures=True)
+        if self._tasks:  # awaited, but bounded: a task that ignores its cancellation is left behind
+            await asyncio.wait(self._tasks, timeout=TASK_EXIT_WAIT)
+        assembly = self._assembly
+        if assembly is not None:
+            await assembly.server.stop(0)  # no-op after a completed drain
+            if assembly.pool is not None:
+                # Handlers still running past the grace were cancelled; their threads are
+                # not waited for here (the runner gives them a bounded moment at exit).
+                assembly.pool.shutdown(wait=False, cancel_futures=True)
         if self._lifespan is not None:
             lifespan, self._lifespan = self._lifespan, None
             self.phase = "lifespan shutdown"
             await self._shutdown_lifespan(lifespan)
         if self._force.is_set():
             return  # stop now: no telemetry flush that may wait on an exporter
-        if self._otel_shutdown is not None:
-            self._otel_shutdown()  # meshrpc's own providers: shutting down flushes them
-            self._otel_shutdown = None
-        else:
-            flush_telemetry()  # the user's providers: flush, and leave them to their owner
+        # An exporter's flush can block on the network: off the event loop, and bounded.
+        shutdown = assembly.telemetry_shutdown if assembly is not None else None
+        self.phase = "telemetry flush"
+        flushing = asyncio.ensure_future(asyncio.to_thread(shutdown if shutdown is not None else flush_telemetry))
+        done, _ = await asyncio.wait((flushing,), timeout=self.config.shutdown_timeout)
+        if not done:
+            logger.warning("telemetry flush did not finish in %gs: abandoned", self.config.shutdown_timeout)
+        elif flushing.exception() is not None:
+            logger.warning("telemetry flush failed", exc_info=flushing.exception())
 
     async def _shutdown_lifespan(self, lifespan: AbstractAsyncContextManager[Any]) -> None:
         """Run the lifespan's shutdown, bounded by shutdown_timeout and cut short by a second signal."""
@@ -338,81 +310,9 @@ class Server:
             logger.error("lifespan shutdown of app %s failed", self.app.name, exc_info=shutdown.exception())
             self.exit_code = 1
 
-    def _options(self) -> list[tuple[str, Any]]:
-        config = self.config
-        options: list[tuple[str, Any]] = [
-            ("grpc.so_reuseport", 1 if config.reuse_port else 0),
-            ("grpc.max_receive_message_length", config.max_receive_message_size),
-            ("grpc.max_send_message_length", config.max_send_message_size),
-            # Envoy and grpc-go clients ping every few minutes at most; allow that
-            # without answering with too_many_pings (GOAWAY ENHANCE_YOUR_CALM).
-            ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
-            ("grpc.keepalive_permit_without_calls", 1),
-        ]
-        assert self.mesh is not None
-        age = _mesh.connection_age(config, self.mesh.mode)
-        if age is not None:
-            options.append(("grpc.max_connection_age_ms", int(age * 1000)))
-            options.append(
-                (
-                    "grpc.max_connection_age_grace_ms",
-                    int(config.max_connection_age_grace * 1000),
-                )
-            )
-        return options
-
-    def _observer(self) -> Observe | None:
-        config = self.config
-        tracing, metering = sdk_configured() if config.telemetry else (False, False)
-        telemetry = Telemetry(
-            tracing=tracing,
-            metrics=metering,
-            access_log=config.access_log,
-            access_log_sample_rate=config.access_log_sample_rate,
-            server_address=config.host.strip("[]"),
-            server_port=self.port or config.port,
-        )
-        logger.debug("telemetry: tracing %s, metrics %s, access log %s", tracing, metering, config.access_log)
-        if not telemetry.enabled:
-            return None  # nothing observes the RPCs: no cost at all
-        return observer(telemetry)
-
-    def _add_handlers(self, server: grpc.aio.Server, health: Health) -> list[str]:
-        observe = self._observer()
-        middleware, pool = self.app.middleware, self._thread_pool()
-        intercepted = bool(self.app.interceptors)
-        table = MethodTable()
-        for service in self.app.services:
-            handlers = {
-                m.name: method_handler(
-                    m, self._inflight, observe=observe, middleware=middleware, pool=pool, intercepted=intercepted
-                )
-                for m in service.methods
-            }
-            table.add(service.name, handlers)
-        # Health and reflection get the same malformed-body and error mapping, but no
-        # middleware and no concurrency limit: probes must always be answered.
-        for service in describe(health.servicer):
-            table.add(service.name, {m.name: method_handler(m, intercepted=intercepted) for m in service.methods})
-        names = [*(s.name for s in self.app.services), HEALTH_SERVICE]
-        if self.config.reflection:
-            names = list(add_reflection(table, names, intercepted=intercepted))
-        server.add_generic_rpc_handlers((table,))
-        return names
-
-    def _thread_pool(self) -> concurrent.futures.ThreadPoolExecutor | None:
-        """The pool for 'def' handlers; made only when the app has some."""
-        sync = [m.path for s in self.app.services for m in s.methods if m.impl is not None and is_sync(m.impl)]
-        if not sync:
-            return None
-        self._pool = concurrent.futures.ThreadPoolExecutor(
-            max_workers=self.config.thread_pool_size, thread_name_prefix="meshrpc-handler"
-        )
-        logger.debug("%d 'def' handlers run in %d threads", len(sync), self.config.thread_pool_size)
-        return self._pool
-
     async def _drain(self) -> None:
-        assert self._grpc is not None and self.health is not None
+        assert self._assembly is not None and self.health is not None
+        server, inflight = self._assembly.server, self._assembly.inflight
         config, loop = self.config, asyncio.get_running_loop()
         t0 = loop.time()
 
@@ -425,7 +325,7 @@ class Server:
             budget = config.exit_budget
             _watchdog(budget, f"the drain's budget of {budget:g}s", lambda: self.abandoned)
         self.phase = "draining (drain delay)"
-        self.app._draining.set()
+        self.draining.set()
         await self.health.update(draining=True)
         logger.info(
             "drain t0: readiness NOT_SERVING, liveness SERVING; %d RPCs in flight; serving new RPCs for %.1fs (drain delay)",
@@ -444,11 +344,11 @@ class Server:
         )
         self.health.servicer.end_watches()
         self.phase = "draining (grace)"
-        self._inflight.cancelled = 0
+        inflight.cancelled = 0
         # What is in flight when the grace ends is what gets cancelled, whether or not a
         # handler lets the cancellation through (one that swallows it is still cut off).
         left = self.in_flight
-        stopping = asyncio.ensure_future(self._grpc.stop(grace))
+        stopping = asyncio.ensure_future(server.stop(grace))
         if grace > 0:
             forced = asyncio.ensure_future(self._force.wait())
             await asyncio.wait((stopping, forced), timeout=grace, return_when=asyncio.FIRST_COMPLETED)
@@ -460,34 +360,15 @@ class Server:
                 # A second stop cuts the first one's grace short.  Never two stops without
                 # a grace at once: grpc.aio's second may cancel the calls of a server the
                 # first has just destroyed, and the process dies of a segfault.
-                await self._grpc.stop(0)
+                await server.stop(0)
         await stopping
-        cancelled = max(left, self._inflight.cancelled)
+        cancelled = max(left, inflight.cancelled)
         logger.log(
             logging.WARNING if cancelled else logging.INFO,
             "drain %s: server stopped, %d RPCs cancelled; running lifespan shutdown",
             since(),
             cancelled,
         )
-
-
-def _tls_credentials(config: Config) -> grpc.ServerCredentials | None:
-    """The server's TLS credentials from the PEM files the config names, or None for plaintext."""
-    if config.tls_cert_file is None or config.tls_key_file is None:
-        return None
-
-    def read(setting: str, path: str) -> bytes:
-        try:
-            with open(path, "rb") as file:
-                return file.read()
-        except OSError as exc:
-            where = f"{setting} ({env_name(setting)} / --{setting.replace('_', '-')})"
-            raise ConfigError(f"invalid setting {where}: cannot read {path}: {exc.strerror}") from None
-
-    cert = read("tls_cert_file", config.tls_cert_file)
-    pair = (read("tls_key_file", config.tls_key_file), cert)
-    ca = read("tls_client_ca_file", config.tls_client_ca_file) if config.tls_client_ca_file else None
-    return grpc.ssl_server_credentials([pair], root_certificates=ca, require_client_auth=ca is not None)
 
 
 def _watchdog(after: float, reason: str, abandoned: Callable[[], str]) -> None:

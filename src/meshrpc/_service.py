@@ -62,6 +62,12 @@ class Service:
         return self._meshrpc_never
 
 
+def attach(servicer: object, app: App) -> None:
+    """``app`` serves ``servicer``: a :class:`Service`'s ``draining`` is then the app's."""
+    if isinstance(servicer, Service):
+        servicer._meshrpc_app = app
+
+
 @dataclasses.dataclass(frozen=True)
 class MethodSpec:
     """One RPC of a registered service."""

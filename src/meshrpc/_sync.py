@@ -18,6 +18,7 @@ import contextlib
 import contextvars
 import functools
 import inspect
+import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
@@ -59,9 +60,18 @@ class SyncContext:
             self._loop.call_soon_threadsafe(self._task.cancel)
 
     def add_callback(self, callback: Callable[[], Any]) -> bool:
-        """Call ``callback()`` when the RPC ends; always registered."""
-        register: Any = self._context.add_done_callback
-        self._loop.call_soon_threadsafe(register, lambda _context: callback())
+        """Call ``callback()`` when the RPC ends (at once, on the event loop, if it has ended)."""
+        context: Any = self._context
+
+        def register() -> None:
+            # Registered from this thread, run on the loop: grpc may have run the RPC's done
+            # callbacks in between, and one added after that would never be called.
+            if context.done():
+                callback()
+            else:
+                context.add_done_callback(lambda _context: callback())
+
+        self._loop.call_soon_threadsafe(register)
         return True
 
     # -- what the client sent --------------------------------------------------
@@ -126,15 +136,19 @@ class RequestIterator(Iterator[Any]):
     def __init__(self, requests: AsyncIterator[Any], loop: asyncio.AbstractEventLoop) -> None:
         self._requests = requests
         self._loop = loop
+        # The handler's thread reads these and the loop's close() writes them: one lock, so a
+        # close() between the check and the wait cannot leave a thread waiting for ever.
+        self._lock = threading.Lock()
         self._pending: concurrent.futures.Future[Any] | None = None
         self._closed = False
 
     def __next__(self) -> Any:
-        if self._closed:
-            raise grpc.RpcError("the RPC has ended")
-        self._pending = asyncio.run_coroutine_threadsafe(self._next(), self._loop)
+        with self._lock:
+            if self._closed:
+                raise grpc.RpcError("the RPC has ended")
+            pending = self._pending = asyncio.run_coroutine_threadsafe(self._next(), self._loop)
         try:
-            item = self._pending.result()
+            item = pending.result()
         except concurrent.futures.CancelledError:
             raise grpc.RpcError("the RPC was cancelled") from None
         if item is _END:
@@ -149,9 +163,11 @@ class RequestIterator(Iterator[Any]):
 
     def close(self) -> None:
         """The RPC ended: a thread waiting for a request wakes up with an error."""
-        self._closed = True
-        if self._pending is not None:
-            self._pending.cancel()
+        with self._lock:
+            self._closed = True
+            pending = self._pending
+        if pending is not None:
+            pending.cancel()
 
 
 def _close_later(iterator: Any, last: asyncio.Future[Any] | None, pool: concurrent.futures.Executor) -> None:

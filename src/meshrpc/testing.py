@@ -55,9 +55,15 @@ class TestServer:
 async def running(app: App, **settings: Any) -> AsyncIterator[TestServer]:
     """Serve ``app`` until the block ends; yield a :class:`TestServer`."""
     config = app.config.replace(**{**TEST_DEFAULTS, **settings})
-    server = Server(app, config)
-    app._server = server
-    task = asyncio.ensure_future(server.serve())
+    if app.server is not None:
+        raise RuntimeError(f"app {app.name!r} is being served already")
+    task = asyncio.ensure_future(app.serve(config))  # the path App.run and `meshrpc serve` take
+    # serve() attaches its Server in its first step, which runs before this one resumes.
+    await asyncio.sleep(0)
+    server = app.server
+    if server is None:
+        await task  # raises the startup error
+        raise RuntimeError("the server stopped during startup")
     started = asyncio.ensure_future(server.wait_started())
     await asyncio.wait((task, started), return_when=asyncio.FIRST_COMPLETED)
     if not started.done():
@@ -73,7 +79,6 @@ async def running(app: App, **settings: Any) -> AsyncIterator[TestServer]:
         if not task.done():
             server.request_stop()
         await task
-        app._server = None
 
 
 @contextlib.asynccontextmanager

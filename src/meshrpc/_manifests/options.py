@@ -44,8 +44,6 @@ GATEWAY_API_KINDS = (
 # Kinds written only when asked for (--mesh-routing, --headless, --waypoint, --network-policy,
 # --pod-monitor); "which resources" accepts them too.
 OPTIONAL_KINDS = ("MeshVirtualService", "HeadlessService", "WaypointPolicy", "NetworkPolicy", "PodMonitor")
-# The Istio kinds that need Istio itself, whatever serves the gateway.
-ISTIO_SECURITY_KINDS = ("AuthorizationPolicy", "PeerAuthentication")
 KILL_MARGIN = 1  # seconds past the process's own exit budget before the kubelet's SIGKILL
 # What each ingress install gives the gateway's pods: (selector label, namespace, service account).
 # istioctl's default profile: the istio-ingressgateway deployment in istio-system.  Istio's Helm
