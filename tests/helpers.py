@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
+import re
 import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -18,6 +21,18 @@ ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 # Where subprocess logs go: conftest points it at pytest's own temporary directory.
 LOG_DIR = Path(os.environ.get("TMPDIR", "/tmp"))
+
+
+_SERVING = re.compile(r"serving app \S+ on [^\s:]+:(\d+)")
+
+
+async def eventually(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
+    """Wait until ``predicate()`` holds, polling the event loop; fail after ``timeout``."""
+    for _ in range(int(timeout / 0.005)):
+        if predicate():
+            return
+        await asyncio.sleep(0.005)
+    raise AssertionError(f"not true after {timeout}s")
 
 
 def free_port() -> int:
@@ -65,12 +80,13 @@ class Served:
         cwd: Path = ROOT,
         command: tuple[str, ...] = ("serve",),
     ) -> None:
-        self.port = port or free_port()
-        self.target = f"127.0.0.1:{self.port}"
-        self.log_path = LOG_DIR / f"meshrpc-{self.port}-{time.monotonic_ns()}.log"
+        # Port 0 by default: the server binds a free port itself and logs it, so no other
+        # test can take the port between a check and the bind.
+        self._port = port
+        self.log_path = LOG_DIR / f"meshrpc-{port or 0}-{time.monotonic_ns()}.log"
         self._log = self.log_path.open("wb")
         self.proc = subprocess.Popen(
-            [str(BIN / "meshrpc"), *command, app, "--host", "127.0.0.1", "--port", str(self.port), *args],
+            [str(BIN / "meshrpc"), *command, app, "--host", "127.0.0.1", "--port", str(port or 0), *args],
             cwd=cwd,
             stdout=self._log,
             stderr=subprocess.STDOUT,
@@ -80,6 +96,35 @@ class Served:
     @property
     def log(self) -> str:
         return self.log_path.read_text()
+
+    @property
+    def port(self) -> int:
+        """The port the server listens on: given, or read from its "serving app" line."""
+        if self._port is None:
+            deadline = time.monotonic() + 20
+            while self._port is None:
+                found = _SERVING.search(self.log)
+                if found:
+                    self._port = int(found.group(1))
+                    break
+                if self.proc.poll() is not None:
+                    raise AssertionError(f"server exited with {self.proc.returncode} before serving:\n{self.log}")
+                if time.monotonic() > deadline:
+                    raise AssertionError(f"server not serving after 20s:\n{self.log}")
+                time.sleep(0.02)
+        return self._port
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def wait_for(self, text: str, timeout: float = 10.0, count: int = 1) -> None:
+        """Wait until ``text`` is in the log ``count`` times (the server must stay up meanwhile)."""
+        deadline = time.monotonic() + timeout
+        while self.log.count(text) < count:
+            assert time.monotonic() < deadline, f"{text!r} not logged {count} times:\n{self.log}"
+            assert self.proc.poll() is None, self.log
+            time.sleep(0.02)
 
     def wait_serving(self, timeout: float = 15.0) -> None:
         deadline = time.monotonic() + timeout
@@ -138,6 +183,7 @@ __all__ = [
     "Served",
     "buf",
     "envoy",
+    "eventually",
     "free_port",
     "grpcurl",
     "health_status",

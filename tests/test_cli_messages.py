@@ -122,7 +122,8 @@ def test_log_config_file_and_no_log_config(tmp_path: Path) -> None:
         served.signal(signal.SIGTERM)
         assert served.wait(15) == 0
     assert "CUSTOM INFO serving app echo on" in served.log
-    with Served(ECHO, "--drain-delay", "0", "--no-log-config") as quiet:
+    # No log line says the port: this one is given.
+    with Served(ECHO, "--drain-delay", "0", "--no-log-config", port=free_port()) as quiet:
         quiet.wait_serving()
         quiet.signal(signal.SIGTERM)
         assert quiet.wait(15) == 0
@@ -246,7 +247,8 @@ def test_reload_restarts_on_a_change_and_keeps_the_port(tmp_path: Path) -> None:
         """
     )
     app_file.write_text(source.replace("VERSION", "one"))
-    with Served("hot:app", "--reload", cwd=tmp_path, env={"PYTHONPATH": str(ROOT)}) as served:
+    # A given port: the restarted server must bind the same one.
+    with Served("hot:app", "--reload", cwd=tmp_path, env={"PYTHONPATH": str(ROOT)}, port=free_port()) as served:
         served.wait_serving()
 
         def say() -> str:

@@ -13,7 +13,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from examples._generated.echo import echo_pb2, echo_pb2_grpc
 from meshrpc import testing
 from tests.apps import echo
-from tests.helpers import Served
+from tests.helpers import Served, eventually
 
 D, G = 1.5, 3.0
 
@@ -48,7 +48,7 @@ def test_sigterm_drain_timeline() -> None:
             long_call = stub.Unary.future(echo_pb2.EchoRequest(text="long", sleep=D + 1.0))
             # Ignores the drain entirely: cancelled at D+G, its client gets UNAVAILABLE.
             stuck_call = stub.Unary.future(echo_pb2.EchoRequest(text="stuck", sleep=60))
-            time.sleep(0.3)
+            served.wait_for("handler sleeps", count=2)  # both calls are in flight
             t0 = time.monotonic()
             served.signal(signal.SIGTERM)
 
@@ -91,7 +91,7 @@ def test_second_signal_skips_the_rest_of_the_drain() -> None:
     with Served("tests.apps.echo:app", "--drain-delay", "20", "--grace", "20") as served:
         served.wait_serving()
         served.signal(signal.SIGTERM)
-        time.sleep(0.5)
+        served.wait_for("drain t0:")
         t1 = time.monotonic()
         served.signal(signal.SIGINT)
         assert served.wait(10) == 0
@@ -125,7 +125,7 @@ async def test_drain_from_code_runs_without_signals() -> None:
         import asyncio
 
         task = asyncio.ensure_future(slow)
-        await asyncio.sleep(0.1)
+        await eventually(lambda: server.server.in_flight == 1)  # the call reached its handler
         exit_code = await server.stop()
         assert (await task).text == "slow"
         assert exit_code == 0
@@ -147,7 +147,7 @@ def test_signal_handlers_are_restored_after_serving() -> None:
 
         async def serve_then_stop() -> int:
             serving = asyncio.ensure_future(app.serve(config, install_signal_handlers=True))
-            await asyncio.sleep(0.3)
+            await eventually(lambda: app.server is not None and app.server.running)
             assert signal.getsignal(signal.SIGTERM) is not previous  # meshrpc's own while serving
             signal.raise_signal(signal.SIGTERM)  # a real signal to this process: drains, exit 0
             return await asyncio.wait_for(serving, 10)

@@ -12,6 +12,7 @@ import meshrpc
 from examples._generated.echo import echo_pb2, echo_pb2_grpc
 from meshrpc import testing
 from tests.apps.echo import app
+from tests.helpers import eventually
 
 
 def stub(server: testing.TestServer) -> echo_pb2_grpc.EchoStub:
@@ -118,7 +119,7 @@ async def test_max_concurrent_rpcs_answers_resource_exhausted() -> None:
     async with testing.running(app, max_concurrent_rpcs=2) as server:
         s = stub(server)
         slow = [asyncio.ensure_future(s.Unary(echo_pb2.EchoRequest(text="slow", sleep=0.5))) for _ in range(2)]
-        await asyncio.sleep(0.2)
+        await eventually(lambda: server.server.in_flight == 2)  # both reached their handlers
         with pytest.raises(grpc.aio.AioRpcError) as info:
             await s.Unary(echo_pb2.EchoRequest(text="one too many"))
         assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED

@@ -36,6 +36,8 @@ async def behave(request: echo_pb2.EchoRequest) -> None:
                 await asyncio.sleep(0.05)
         return
     if request.sleep:
+        if request.sleep >= 1:  # tests wait for this line instead of guessing when the call arrived
+            log.info("handler sleeps %gs", request.sleep)
         await asyncio.sleep(request.sleep)
     if request.fail.startswith("once:"):  # "once:CODE:key": fail the first call with this key only
         _, code, key = request.fail.split(":", 2)
