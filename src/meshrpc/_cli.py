@@ -1,4 +1,4 @@
-"""The ``meshrpc`` command: serve, health, routes."""
+"""The ``meshrpc`` command: serve, health, list, describe, call, routes."""
 
 from __future__ import annotations
 
@@ -93,10 +93,67 @@ def build_parser() -> argparse.ArgumentParser:
     health.add_argument("--service", default="", help="health name to check ('' = the server's readiness)")
     health.add_argument("--timeout", type=float, default=2.0, help="seconds to wait for the answer (default 2)")
 
+    _add_client_commands(commands)
+
     from ._manifests.cli import add_routes_command
 
     add_routes_command(commands)
     return parser
+
+
+def _add_connection_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("target", metavar="TARGET", help="host:port of a server with reflection, e.g. 127.0.0.1:50051")
+    parser.add_argument("--tls", action="store_true", help="connect with TLS (default: plaintext, as to a dev server)")
+    parser.add_argument("--cacert", metavar="FILE", help="PEM root certificates for TLS (implies --tls)")
+    parser.add_argument("--authority", help="the :authority (Host) to send, e.g. the gateway's host name")
+    parser.add_argument(
+        "--connect-timeout", type=float, default=10.0, metavar="SECONDS", help="seconds to connect (default 10)"
+    )
+
+
+def _add_client_commands(commands: Any) -> None:
+    """The built-in client: the API is learnt from the server's reflection, JSON in and out."""
+    listing = commands.add_parser(
+        "list",
+        help="list a server's services, or one service's methods (through its reflection)",
+        description="List the services TARGET serves, or the methods of SERVICE, read from its server reflection.",
+        allow_abbrev=False,
+    )
+    _add_connection_flags(listing)
+    listing.add_argument("service", nargs="?", metavar="SERVICE", help="a service's full name, e.g. helloworld.Greeter")
+    describing = commands.add_parser(
+        "describe",
+        help="describe a service, method or message (its request and reply fields)",
+        description="Print SYMBOL (a service, a method as package.Service/Method, a message or an enum) as .proto text.",
+        allow_abbrev=False,
+    )
+    _add_connection_flags(describing)
+    describing.add_argument("symbol", metavar="SYMBOL", help="e.g. helloworld.Greeter/SayHello")
+    calling = commands.add_parser(
+        "call",
+        help="call a method with a JSON request and print the replies as JSON",
+        description="Call METHOD on TARGET. The request is JSON (-d), in protobuf's JSON mapping; each reply is "
+        "printed as JSON. A failed call prints its status and its google.rpc.Status details and exits 1. "
+        "Exit 2: cannot connect, or bad input.",
+        allow_abbrev=False,
+    )
+    _add_connection_flags(calling)
+    calling.add_argument("method", metavar="METHOD", help="package.Service/Method, e.g. helloworld.Greeter/SayHello")
+    calling.add_argument(
+        "-d",
+        "--data",
+        default="{}",
+        help="the request as JSON (a JSON array of them for a client stream; '@-' reads it from stdin)",
+    )
+    calling.add_argument(
+        "-H",
+        "--header",
+        action="append",
+        default=[],
+        metavar="'NAME: VALUE'",
+        help="request metadata (repeatable)",
+    )
+    calling.add_argument("--timeout", type=float, metavar="SECONDS", help="the call's deadline in seconds")
 
 
 def _load(ns: argparse.Namespace) -> tuple[str, App]:
@@ -146,6 +203,55 @@ def _health(ns: argparse.Namespace) -> int:
     return 0 if reply.status == health_pb2.HealthCheckResponse.SERVING else 1
 
 
+def _client(ns: argparse.Namespace) -> int:
+    import grpc
+
+    from . import _reflection_client as client
+
+    try:
+        with client.Reflected(
+            ns.target, tls=ns.tls, cacert=ns.cacert, authority=ns.authority, timeout=ns.connect_timeout
+        ) as reflected:
+            if ns.command == "list":
+                if ns.service is None:
+                    print("\n".join(reflected.services()))
+                else:
+                    service = reflected.service(ns.service)
+                    print("\n".join(f"{service.full_name}/{m.name}" for m in service.methods))
+                return 0
+            if ns.command == "describe":
+                print(client.describe(reflected.symbol(ns.symbol)))
+                return 0
+            data = sys.stdin.read() if ns.data == "@-" else ns.data
+            metadata = []
+            for header in ns.header:
+                name, sep, value = header.partition(":")
+                if not sep or not name.strip():
+                    raise client.ClientError(f"-H {header!r} is not 'NAME: VALUE'")
+                metadata.append((name.strip().lower(), value.strip()))
+            try:
+                client.call(reflected, ns.method, data, metadata=metadata, timeout=ns.timeout)
+            except grpc.RpcError as exc:
+                print(client.error_report(exc, reflected.pool), file=sys.stderr)
+                return 1
+            return 0
+    except client.ClientError as exc:
+        print(f"{PROG} {ns.command}: {exc}", file=sys.stderr)
+        return 2
+    except grpc.RpcError as exc:  # reflection itself failed (a server without it)
+        print(
+            f"{PROG} {ns.command}: {ns.target}: reflection failed: {client.error_report(exc, reflected_pool())}",
+            file=sys.stderr,
+        )
+        return 2
+
+
+def reflected_pool() -> Any:
+    from google.protobuf import descriptor_pool
+
+    return descriptor_pool.Default()
+
+
 def _parse(argv: Sequence[str]) -> argparse.Namespace:
     parser = build_parser()
     ns, unknown = parser.parse_known_args(argv)
@@ -165,6 +271,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _serve(ns, args)
         if ns.command == "health":
             return _health(ns)
+        if ns.command in ("list", "describe", "call"):
+            return _client(ns)
         from ._manifests.cli import run_routes
 
         routes_argv = args[args.index("routes") + 1 :]
