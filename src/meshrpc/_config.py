@@ -38,7 +38,11 @@ def _setting(default: Any, help: str) -> Any:
 class Config:
     """Everything a meshrpc server can be told.  Validated once, when created."""
 
-    host: str = _setting("[::]", "Address to listen on ('[::]' is every IPv4 and IPv6 address).")
+    host: str = _setting(
+        "127.0.0.1",
+        "Address to listen on: this machine only by default; '[::]' (every IPv4 and IPv6 address) "
+        "inside Kubernetes, where the sidecar and the kubelet reach the pod's own address.",
+    )
     port: int = _setting(50051, "TCP port to listen on (0 picks a free one).")
     reuse_port: bool = _setting(
         False,
@@ -278,6 +282,11 @@ def settings() -> tuple[dataclasses.Field[Any], ...]:
 _HINTS = typing.get_type_hints(Config)
 
 
+_SECONDS = frozenset(
+    {"drain_delay", "grace", "max_connection_age", "max_connection_age_grace", "health_check_interval"}
+)
+
+
 def parse_value(field_name: str, text: str) -> Any:
     """Turn the text of an environment variable or CLI flag into a setting's value."""
     hint = _HINTS[field_name]
@@ -303,8 +312,13 @@ def parse_value(field_name: str, text: str) -> Any:
             return int(raw)
         if hint is float:
             return float(raw)
-    except ValueError as exc:
-        raise ConfigError(f"invalid setting {_where(field_name)}: {text!r}: {exc}") from None
+    except ValueError:
+        wanted = {
+            bool: "true or false",
+            int: "a whole number",
+            float: "a number of seconds" if "timeout" in field_name or field_name in _SECONDS else "a number",
+        }[hint]
+        raise ConfigError(f"invalid setting {_where(field_name)}: wants {wanted}, got {text!r}") from None
     return raw
 
 
@@ -325,9 +339,20 @@ def unknown_variables(environ: Mapping[str, str]) -> list[str]:
     return warnings
 
 
+POD_HOST = "[::]"
+
+
 def from_env(environ: Mapping[str, str]) -> dict[str, Any]:
-    """The settings given as ``MESHRPC_*`` variables in ``environ``, parsed."""
+    """The settings given as ``MESHRPC_*`` variables in ``environ``, parsed.
+
+    Inside Kubernetes (``KUBERNETES_SERVICE_HOST``, which the kubelet sets in every
+    container) the host defaults to every address: the sidecar forwards calls to the
+    pod's own address and the kubelet probes it there, so a loopback-only server would
+    be unreachable.  ``MESHRPC_HOST`` still wins.
+    """
     changes: dict[str, Any] = {}
+    if "KUBERNETES_SERVICE_HOST" in environ:
+        changes["host"] = POD_HOST
     for f in settings():
         name = env_name(f.name)
         if name in environ:

@@ -43,7 +43,12 @@ def app_reference(given: str | None, environ: Mapping[str, str], cwd: Path) -> s
 def _import_chain(exc: BaseException) -> list[str]:
     """The project's source lines that led to ``exc``, outermost first (importlib's own left out)."""
     frames = traceback.extract_tb(exc.__traceback__)
-    return [f"{Path(f.filename).name}:{f.lineno}" for f in frames if "importlib" not in f.filename]
+    own = Path(__file__).parent  # meshrpc's own frames are not the user's import chain
+    return [
+        f"{Path(f.filename).name}:{f.lineno}"
+        for f in frames
+        if "importlib" not in f.filename and Path(f.filename).parent != own
+    ]
 
 
 def load_app(reference: str, cwd: Path) -> App:
@@ -61,9 +66,18 @@ def load_app(reference: str, cwd: Path) -> App:
             raise AppError(f"cannot import module {module_name!r}: no module {missing!r} (from {cwd})") from None
         # The app's module exists, but something it imports does not: say what, and where.
         chain = " -> ".join(_import_chain(exc))
+        hint = ""
+        if missing.split(".")[-1].endswith(("_pb2", "_pb2_grpc")) or not missing.startswith(("google", "grpc")):
+            hint = (
+                f"; if {missing!r} is code generated from a .proto, generate it first: "
+                "python -m grpc_tools.protoc -I PROTO_DIR --python_out=. --grpc_python_out=. PROTO_DIR/FILE.proto"
+            )
         raise AppError(
-            f"importing {module_name!r} failed: {exc}" + (f" (imported by {chain})" if chain else "")
+            f"importing {module_name!r} failed: {exc}" + (f" (imported by {chain})" if chain else "") + hint
         ) from None
+    except SyntaxError as exc:
+        place = f"{exc.filename}:{exc.lineno}" if exc.filename else module_name
+        raise AppError(f"cannot import {module_name!r}: {place}: SyntaxError: {exc.msg}") from None
     value: object = module
     for part in attr.split("."):
         try:

@@ -59,6 +59,11 @@ class StatusError(Exception):
 # out on purpose: returning is OK, and an unexpected exception answers INTERNAL.
 
 
+class HandlerShapeError(TypeError):
+    """A handler gave something of the wrong shape (a message where a stream of them was
+    due): answered INTERNAL, and logged as one line naming the user's method."""
+
+
 class Cancelled(StatusError):
     """CANCELLED: raise it to answer that status (the operation was cancelled, typically by the caller).
 

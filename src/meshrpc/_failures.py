@@ -8,7 +8,7 @@ from typing import Any
 
 import grpc
 
-from ._errors import StatusError
+from ._errors import HandlerShapeError, StatusError
 from ._service import MethodSpec
 
 logger = logging.getLogger("meshrpc.handlers")
@@ -69,7 +69,10 @@ async def fail(context: grpc.aio.ServicerContext[Any, Any], spec: MethodSpec, ex
             if details:
                 await context.abort(exc.code, message, trailing_metadata=status_trailer(exc.code, message, details))
         await context.abort(exc.code, message)
-    logger.error("unhandled exception in %s", spec.path, exc_info=exc)
+    if isinstance(exc, HandlerShapeError):  # the message says it all; meshrpc's frames would only hide it
+        logger.error("%s", exc)
+    else:
+        logger.error("unhandled exception in %s", spec.path, exc_info=exc)
     await context.abort(grpc.StatusCode.INTERNAL, INTERNAL_DETAILS)
 
 

@@ -19,6 +19,7 @@ import contextvars
 import gc
 import logging
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable, Coroutine, Iterator
@@ -64,6 +65,8 @@ class Server:
         self._lifespan: AbstractAsyncContextManager[Any] | None = None
         self._owns_process = False
         self.phase = "starting"
+        self._skip_delay = False
+        self._interactive = False
         self._mesh_token: contextvars.Token[_mesh.MeshInfo | None] | None = None
 
     @property
@@ -96,10 +99,16 @@ class Server:
 
     # -- control -------------------------------------------------------------
 
-    def request_stop(self, *, force: bool = False) -> None:
-        """Begin the drain; when already draining (or ``force``), skip what is left of it."""
+    def request_stop(self, *, force: bool = False, skip_delay: bool = False) -> None:
+        """Begin the drain; when already draining (or ``force``), skip what is left of it.
+
+        ``skip_delay``: no drain delay (nothing routes to a developer's terminal), but
+        in-flight RPCs still get the grace.
+        """
         if self._stop_requested.is_set() or force:
             self._force.set()
+        if skip_delay:
+            self._skip_delay = True
         self._stop_requested.set()
 
     async def wait_started(self) -> None:
@@ -116,6 +125,9 @@ class Server:
             return
         loop = asyncio.get_running_loop()
         received = 0
+        # Ctrl-C at a terminal is a developer stopping their server: the drain delay, which
+        # waits for endpoints and proxies during a rolling update, protects nothing there.
+        self._interactive = sys.stdin is not None and sys.stdin.isatty()
 
         def handle(signum: int, frame: FrameType | None) -> None:
             nonlocal received
@@ -137,6 +149,14 @@ class Server:
         name = signal.Signals(signum).name
         if self._stop_requested.is_set():
             logger.warning("received %s again: stopping now, skipping the rest of the drain", name)
+        elif signum == signal.SIGINT and self._interactive and self.config.drain_delay > 0:
+            logger.info(
+                "received SIGINT at a terminal: stopping without the %.1fs drain delay, which is for rolling "
+                "updates (SIGTERM keeps it); in-flight RPCs still get the grace (Ctrl-C again to stop now)",
+                self.config.drain_delay,
+            )
+            self.request_stop(skip_delay=True)
+            return
         elif signum == signal.SIGINT:
             logger.info("received SIGINT: draining (Ctrl-C again to stop now)")
         else:
@@ -239,6 +259,19 @@ class Server:
         await assembly.server.start()
         tls = " (mutual TLS)" if config.tls_client_ca_file else " (TLS)" if config.tls_cert_file else ""
         logger.info("serving app %s on %s%s: %s", app.name, self.display_address, tls, ", ".join(assembly.names))
+        if not app.services:
+            logger.warning(
+                "app %s registers no services: it serves health and reflection only; "
+                "pass your servicers, e.g. meshrpc.App(%r, services=[Greeter()])",
+                app.name,
+                app.name,
+            )
+        if config.host in ("127.0.0.1", "localhost", "::1", "[::1]"):
+            logger.info(
+                "listening on this machine only (%s); in a pod, or to be reached from elsewhere: --host [::] "
+                "(MESHRPC_HOST; the default inside Kubernetes)",
+                config.host,
+            )
         if self._sidecar is not None:
             await asyncio.shield(self._sidecar)
             await health.update(proxy_ready=True)
@@ -327,14 +360,15 @@ class Server:
         self.phase = "draining (drain delay)"
         self.draining.set()
         await self.health.update(draining=True)
+        delay = 0.0 if self._skip_delay else config.drain_delay
         logger.info(
             "drain t0: readiness NOT_SERVING, liveness SERVING; %d RPCs in flight; serving new RPCs for %.1fs (drain delay)",
             self.in_flight,
-            config.drain_delay,
+            delay,
         )
-        if config.drain_delay > 0 and not self._force.is_set():
+        if delay > 0 and not self._force.is_set():
             with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._force.wait(), config.drain_delay)
+                await asyncio.wait_for(self._force.wait(), delay)
         grace = 0.0 if self._force.is_set() else config.grace
         logger.info(
             "drain %s: no new RPCs (GOAWAY); %d RPCs in flight get %.1fs (grace)",

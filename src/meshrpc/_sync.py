@@ -23,8 +23,9 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import grpc
+from google.protobuf.message import Message
 
-from ._errors import StatusError
+from ._errors import HandlerShapeError, StatusError
 from ._service import MethodSpec, RpcKind
 
 Handler = Callable[..., Any]
@@ -186,6 +187,23 @@ def _close_later(iterator: Any, last: asyncio.Future[Any] | None, pool: concurre
         last.add_done_callback(submit)
 
 
+def _replies_of(spec: MethodSpec, fn: Handler, request: Any, context: SyncContext) -> Iterator[Any]:
+    """The replies of a ``def`` stream handler: what it yields, or the iterator it returns."""
+    result = fn(request, context)
+    if isinstance(result, Message) or not hasattr(result, "__iter__"):
+        name = getattr(fn, "__qualname__", spec.name)
+        raise HandlerShapeError(
+            f"{spec.path} streams its replies: {name} must yield {spec.response_type.DESCRIPTOR.full_name} "
+            f"messages (or return an iterator of them), but it returned {type(result).__name__} {_short(result)}"
+        )
+    return iter(result)
+
+
+def _short(value: Any) -> str:
+    text = repr(value).replace("\n", " ")
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
 def adapt(spec: MethodSpec, fn: Handler, pool: concurrent.futures.Executor) -> Handler:
     """``fn``, a ``def`` handler, as an async handler of the same RPC kind."""
     kind = spec.kind
@@ -215,7 +233,7 @@ def adapt(spec: MethodSpec, fn: Handler, pool: concurrent.futures.Executor) -> H
         replies: Any = None
         last: asyncio.Future[Any] | None = None
         try:
-            last = loop.run_in_executor(pool, functools.partial(run, lambda: iter(fn(first, sync))))
+            last = loop.run_in_executor(pool, functools.partial(run, _replies_of, spec, fn, first, sync))
             replies = await last
             while True:
                 last = loop.run_in_executor(pool, functools.partial(run, next, replies, _END))

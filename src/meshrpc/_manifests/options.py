@@ -238,6 +238,7 @@ class RoutesOptions:
     def meshrpc_env_names(self) -> frozenset[str]:
         """The variables the Deployment sets for meshrpc itself."""
         names = {
+            "MESHRPC_HOST",
             "MESHRPC_PORT",
             "MESHRPC_DRAIN_DELAY",
             "MESHRPC_GRACE",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from .._config import Config, env_name
+from .._config import POD_HOST, Config, env_name
 from .options import RoutesOptions, grace_period
 
 PODINFO_DIR = "/etc/podinfo"
@@ -44,6 +44,8 @@ def service_account(options: RoutesOptions) -> dict[str, Any]:
 def _env(options: RoutesOptions, config: Config) -> list[dict[str, Any]]:
     env: list[dict[str, Any]] = [
         {"name": "MESHRPC_APP", "value": options.app_ref},
+        # Every address: the sidecar forwards calls to the pod's own address, and the kubelet probes it there.
+        {"name": env_name("host"), "value": POD_HOST},
         {"name": env_name("port"), "value": str(config.port)},
         {"name": env_name("drain_delay"), "value": repr(float(config.drain_delay))},
         {"name": env_name("grace"), "value": repr(float(config.grace))},
