@@ -8,7 +8,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from tests.helpers import BIN, ROOT
+from tests.helpers import BIN, ROOT, free_port
 
 
 def blocks(path: Path, language: str) -> list[str]:
@@ -83,3 +83,75 @@ async def test_middleware_page_examples_work(tmp_path: Path) -> None:
     assert ok.message == "Hello, doc!"
     path = "/helloworld.Greeter/SayHello"
     assert timing.seen == [(path, "UNAUTHENTICATED"), (path, "INVALID_ARGUMENT"), (path, "OK")]
+
+
+def _marked(text: str, name: str) -> str:
+    return text.split(f"<!-- {name} -->")[1].split(f"<!-- /{name} -->")[0]
+
+
+def test_readme_quickstart_and_client_in_a_fresh_virtual_environment(tmp_path: Path) -> None:
+    """README's first command in a copy of the clone with a new venv, then its client commands."""
+    import signal
+    import time
+
+    readme = (ROOT / "README.md").read_text()
+    quickstart = re.search(r"## Quickstart.*?```bash\n(.*?)\n```", readme, flags=re.S)
+    assert quickstart is not None
+    command = quickstart.group(1)
+    install, _, serve = command.rpartition(" && ")
+    assert serve.startswith("meshrpc serve ")
+    clone = tmp_path / "meshrpc"
+    archive = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True).stdout
+    for name in archive.decode().split("\0"):
+        if name and not name.startswith(("tests/", "docs/", "bench/", "tools/")) and (ROOT / name).is_file():
+            (clone / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, clone / name)
+    env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH")}
+    env["PATH"] = os.pathsep.join(p for p in env["PATH"].split(os.pathsep) if not p.startswith(str(BIN)))
+    installed = subprocess.run(
+        ["bash", "-c", f"{install} -q"], cwd=clone, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert installed.returncode == 0, installed.stdout + installed.stderr
+    venv_bin = clone / ".venv" / "bin"
+    port = str(free_port())  # the README says 50051; any free one here
+    server = subprocess.Popen(
+        ["bash", "-c", f"exec {venv_bin}/{serve.replace('50051', port)}"],
+        cwd=clone,
+        env={**env, "MESHRPC_MESH": "none", "MESHRPC_DRAIN_DELAY": "0"},
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert server.stderr is not None
+        for line in server.stderr:
+            if "readiness SERVING" in line:
+                break
+        else:
+            raise AssertionError("the quickstart's server never became ready")
+        outputs = []
+        for line in _marked(readme, "client-commands").splitlines():
+            if not line.startswith("meshrpc "):
+                continue
+            shown = line.split("    #")[0].replace("50051", port)
+            result = subprocess.run(
+                ["bash", "-c", f"{venv_bin}/{shown}"], cwd=clone, env=env, capture_output=True, text=True, timeout=30
+            )
+            outputs.append((shown, result))
+        by_verb = {shown.split()[1] + ("-fail" if "'{}'" in shown else ""): r for shown, r in outputs}
+        assert by_verb["health"].stdout.strip() == "SERVING"
+        assert "helloworld.Greeter" in by_verb["list"].stdout.split()
+        assert "rpc SayHello" in by_verb["describe"].stdout
+        calls = [r for shown, r in outputs if shown.split()[1] == "call" and "'{}'" not in shown]
+        assert '"message": "Hello, Ada!"' in calls[0].stdout
+        assert '"message": "Hello, Ada! (2/2)"' in calls[1].stdout
+        failed = by_verb["call-fail"]
+        assert (
+            failed.returncode == 1 and "INVALID_ARGUMENT" in failed.stderr and "google.rpc.BadRequest" in failed.stderr
+        )
+    finally:
+        server.send_signal(signal.SIGTERM)
+        try:
+            server.wait(15)
+        except subprocess.TimeoutExpired:
+            server.kill()
+        time.sleep(0)

@@ -67,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--reload",
         action="store_true",
         help="development: restart when a .py file under the current directory changes, with no drain delay "
-        "(needs the 'reload' extra: pip install 'meshrpc[reload]')",
+        "(needs watchfiles: pip install watchfiles)",
     )
     logs = dev.add_mutually_exclusive_group()
     logs.add_argument(

@@ -27,7 +27,8 @@ def _exporters(group: str, names: str) -> list[Any]:
         matches = list(entry_points(group=group, name=name))
         if not matches:
             raise ConfigError(
-                f"OpenTelemetry exporter {name!r} ({group}) is not installed: pip install 'meshrpc[otel]'"
+                f"OpenTelemetry exporter {name!r} ({group}) is not installed: "
+                "pip install opentelemetry-exporter-otlp-proto-grpc (the 'otel' extra)"
             )
         found.append(matches[0].load()())
     return found
@@ -60,7 +61,10 @@ def configure_sdk(
         from opentelemetry.sdk.trace import TracerProvider
         from opentelemetry.sdk.trace.export import BatchSpanProcessor
     except ImportError:
-        raise ConfigError("otel_sdk needs the OpenTelemetry SDK: pip install 'meshrpc[otel]'") from None
+        raise ConfigError(
+            "otel_sdk needs the OpenTelemetry SDK: pip install opentelemetry-sdk opentelemetry-exporter-otlp-proto-grpc "
+            "(the 'otel' extra)"
+        ) from None
 
     resource = service_resource(service_name)
     tracer_provider = TracerProvider(resource=resource)  # sampler from OTEL_TRACES_SAMPLER

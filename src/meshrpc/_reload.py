@@ -26,7 +26,7 @@ def serve_with_reload(argv: Sequence[str], directory: Path) -> int:
     try:
         import watchfiles
     except ImportError:
-        raise AppError("--reload needs the watchfiles package: pip install 'meshrpc[reload]'") from None
+        raise AppError("--reload needs the watchfiles package: pip install watchfiles (the 'reload' extra)") from None
 
     def changed(changes: set[tuple[watchfiles.Change, str]]) -> None:
         names = sorted({Path(path).name for _, path in changes})
