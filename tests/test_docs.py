@@ -155,3 +155,23 @@ def test_readme_quickstart_and_client_in_a_fresh_virtual_environment(tmp_path: P
         except subprocess.TimeoutExpired:
             server.kill()
         time.sleep(0)
+
+
+def test_the_log_lines_the_quickstart_quotes_are_what_the_server_writes() -> None:
+    import signal
+
+    from tests.helpers import Served
+
+    quoted = _marked((ROOT / "docs" / "quickstart.md").read_text(), "quoted-log")
+    lines = [line for line in quoted.splitlines() if line.startswith("... ")]
+    assert len(lines) >= 4
+    env = {k: v for k, v in os.environ.items() if k not in ("MESHRPC_MESH", "KUBERNETES_SERVICE_HOST")}
+    with Served("examples.greeter.app:app", env={"MESHRPC_MESH": "auto", **env}) as served:
+        served.wait_for("readiness SERVING")
+        served.signal(signal.SIGTERM)
+        served.wait(20)
+        port = served.port
+    real = served.log.splitlines()
+    for line in lines:
+        pattern = ".*?".join(re.escape(part) for part in line.replace("50051", str(port)).split("..."))
+        assert any(re.fullmatch(pattern, r) for r in real), f"not in the server's log: {line}"

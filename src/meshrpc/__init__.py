@@ -1,6 +1,6 @@
 """meshrpc: asyncio gRPC services for Kubernetes and Istio.
 
-Subclass the generated servicer, put it in an :class:`App`, and ``meshrpc serve``
+Subclass the generated servicer, put it in an [`App`][meshrpc.App], and ``meshrpc serve``
 gives it health, reflection, a zero-loss drain and mesh-aware readiness;
 ``meshrpc routes`` writes its Kubernetes and Istio manifests.
 """
@@ -36,6 +36,7 @@ from ._mesh import SidecarNotReady, quit_sidecar, wait_for_sidecar
 from ._middleware import Call, CallNext, Middleware, current_call, skip_middleware
 from ._outbound import OutboundInterceptor, outgoing_metadata
 from ._route_options import RouteOptions, route
+from ._server import Server
 from ._service import Service
 from ._telemetry import TraceContextFilter
 from ._version import __version__
@@ -67,6 +68,7 @@ __all__ = [
     "ResourceExhausted",
     "RetryPolicy",
     "RouteOptions",
+    "Server",
     "Service",
     "SidecarNotReady",
     "StatusError",

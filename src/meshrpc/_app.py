@@ -36,7 +36,7 @@ class App:
     runs before the server reports ready, the code after it once the server
     has stopped.
 
-    ``middleware`` (meshrpc's own, see :class:`Call`) and ``interceptors``
+    ``middleware`` (meshrpc's own, see [`Call`][meshrpc.Call]) and ``interceptors``
     (standard ``grpc.aio.ServerInterceptor`` objects) see the RPCs of the app's
     services, in list order; interceptors run first.  Health and reflection are
     left out, since probes and grpcurl carry no credentials, unless
@@ -100,7 +100,7 @@ class App:
 
     @property
     def server(self) -> Server | None:
-        """The :class:`Server` serving the app now (its port, health and state), or None."""
+        """The [`Server`][meshrpc.Server] serving the app now (its port, health and state), or None."""
         return self._server
 
     @typing.overload
@@ -135,7 +135,7 @@ class App:
         return dict(self._checks)
 
     async def serve(self, config: Config | None = None, *, install_signal_handlers: bool = False) -> int:
-        """Serve until stopped (:meth:`stop`, or a signal when handlers are installed).
+        """Serve until stopped (`stop`, or a signal when handlers are installed).
 
         Returns the exit code: 0 after a clean drain, 1 when the lifespan's shutdown failed.
         """

@@ -15,7 +15,7 @@ from ._errors import BindError
 
 
 def check_bindable(host: str, port: int, *, reuse_port: bool) -> None:
-    """Raise :class:`BindError` with the reason when ``host:port`` cannot be listened on."""
+    """Raise [`BindError`][meshrpc.BindError] with the reason when ``host:port`` cannot be listened on."""
     name = host[1:-1] if host.startswith("[") and host.endswith("]") else host
     address = f"{host}:{port}"
     try:

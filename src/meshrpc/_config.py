@@ -1,7 +1,7 @@
 """The one validated, frozen configuration object, and its readers at the edge.
 
 Settings come from code (``Config(...)``), then ``MESHRPC_*`` environment
-variables, then command-line flags; the last one wins.  Only :func:`from_env`
+variables, then command-line flags; the last one wins.  Only `from_env`
 and the CLI read the outside world; everything else receives a ``Config``.
 """
 
@@ -36,7 +36,12 @@ def _setting(default: Any, help: str) -> Any:
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    """Everything a meshrpc server can be told.  Validated once, when created."""
+    """Everything a meshrpc server can be told.  Validated once, when created.
+
+    Each field is a setting, given in code (``Config(port=8080)``), as a ``MESHRPC_*``
+    variable or as a ``meshrpc serve`` flag; [configuration](configuration.md) lists
+    every one with its variable, flag, default and meaning.
+    """
 
     host: str = _setting(
         "127.0.0.1",
@@ -211,7 +216,7 @@ class Config:
     @property
     def exit_budget(self) -> float:
         """Seconds from the first stop signal to the process's exit, at most: drain delay +
-        grace + shutdown timeout + :data:`EXIT_MARGIN` for the last leftovers."""
+        grace + shutdown timeout + `EXIT_MARGIN` for the last leftovers."""
         return self.drain_delay + self.grace + self.shutdown_timeout + EXIT_MARGIN
 
     @property
@@ -275,7 +280,7 @@ def env_name(field_name: str) -> str:
 
 
 def settings() -> tuple[dataclasses.Field[Any], ...]:
-    """The fields of :class:`Config`, in declaration order (for the CLI and docs)."""
+    """The fields of [`Config`][meshrpc.Config], in declaration order (for the CLI and docs)."""
     return dataclasses.fields(Config)
 
 

@@ -33,7 +33,7 @@ def encoded_size(message: str) -> int:
 
 
 def fit_message(message: str) -> str:
-    """``message``, cut (with an ellipsis) to what :data:`MESSAGE_BUDGET` allows."""
+    """``message``, cut (with an ellipsis) to what `MESSAGE_BUDGET` allows."""
     if len(message) * 3 <= MESSAGE_BUDGET or encoded_size(message) <= MESSAGE_BUDGET:
         return message
     low, high = 0, len(message)
@@ -47,7 +47,7 @@ def fit_message(message: str) -> str:
 
 
 def fit_details(code: grpc.StatusCode, message: str, details: Sequence[Message]) -> tuple[Message, ...]:
-    """The leading ``details`` whose trailer fits :data:`TRAILER_BUDGET` beside ``message``."""
+    """The leading ``details`` whose trailer fits `TRAILER_BUDGET` beside ``message``."""
     kept = tuple(details)
     while kept:
         size = len(status_trailer(code, message, kept)[0][1])

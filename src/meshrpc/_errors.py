@@ -67,7 +67,7 @@ class HandlerShapeError(TypeError):
 class Cancelled(StatusError):
     """CANCELLED: raise it to answer that status (the operation was cancelled, typically by the caller).
 
-    Not :class:`asyncio.CancelledError`, which is the handler's task being cancelled
+    Not `asyncio.CancelledError`, which is the handler's task being cancelled
     (the client went away, or the drain's grace ran out): that one must propagate, and
     meshrpc reports it as CANCELLED or DEADLINE_EXCEEDED itself.  Never catch one for
     the other.

@@ -23,7 +23,7 @@ HANDLER_ERRORS = BaseException
 def final_code(context: grpc.aio.ServicerContext[Any, Any], exc: BaseException | None) -> grpc.StatusCode:
     """The status an RPC ends with when its handler returned (``exc`` None) or raised ``exc``.
 
-    What :func:`fail` answers, seen from outside: middleware and telemetry report it.
+    What `fail` answers, seen from outside: middleware and telemetry report it.
     """
     if exc is None:
         code = context.code()

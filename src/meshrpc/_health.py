@@ -90,7 +90,7 @@ class Health:
         return self.started and self.proxy_ready and self.checks_ok and not self.draining
 
     async def publish(self) -> None:
-        """Set every readiness name to what :attr:`ready` says, liveness to SERVING."""
+        """Set every readiness name to what `ready` says, liveness to SERVING."""
         await self.servicer.set(self._liveness, SERVING)
         ready = self.ready
         published = (ready, "" if ready else self._why_not())

@@ -172,7 +172,7 @@ async def wait_for_sidecar(
     """Wait until the Istio sidecar's readiness endpoint answers 200.
 
     Polls with backoff (50 ms doubling to 1 s) and logs progress every
-    ``log_every`` seconds; raises :class:`SidecarNotReady` after ``timeout``.
+    ``log_every`` seconds; raises [`SidecarNotReady`][meshrpc.SidecarNotReady] after ``timeout``.
     Call it from a lifespan before making outbound calls through the mesh.
     """
     started = time.monotonic()

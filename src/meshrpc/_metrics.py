@@ -54,7 +54,7 @@ class MetricsEndpoint:
     prometheus-client's own server spends a thread per connection with no timeouts, so
     a thousand idle connections to the metrics port took a thousand threads and the
     process's file descriptors, and the gRPC listener stopped accepting.  Here each
-    connection is a coroutine with a read timeout; at most :data:`MAX_CONNECTIONS` are
+    connection is a coroutine with a read timeout; at most `MAX_CONNECTIONS` are
     open at once, and a new one past the cap closes the oldest that has not yet sent
     its request (so idle connections cannot lock Prometheus out); the registry is
     rendered in a single worker thread, so a slow collection never stalls the loop.

@@ -10,7 +10,7 @@ A middleware is an async callable ``(call, call_next)``::
 ``call_next(call)`` runs the rest of the chain and the handler, to the end of
 the RPC (every streamed reply written), and raises what the handler raised.
 Afterwards ``call.code`` is the status the RPC ends with.  The chain is built
-once per method at startup; an RPC pays for one :class:`Call` and a coroutine
+once per method at startup; an RPC pays for one [`Call`][meshrpc.Call] and a coroutine
 per middleware, nothing per streamed message.
 """
 
@@ -115,7 +115,7 @@ class Call:
 
     @property
     def caller(self) -> Caller | None:
-        """The caller's verified identity (see :func:`meshrpc.caller`)."""
+        """The caller's verified identity (see [`caller`][meshrpc.caller])."""
         return caller_of(self.context, _mesh.current_mode())
 
     def __repr__(self) -> str:
@@ -128,7 +128,7 @@ _current: contextvars.ContextVar[Call] = contextvars.ContextVar("meshrpc_call")
 
 
 def current_call() -> Call | None:
-    """The current RPC's :class:`Call` inside a handler behind middleware, else None.
+    """The current RPC's [`Call`][meshrpc.Call] inside a handler behind middleware, else None.
 
     Handlers read what middleware put in ``call.state`` this way.
     """

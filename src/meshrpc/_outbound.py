@@ -2,7 +2,7 @@
 
 In a mesh, a trace only joins up when every service forwards the trace headers
 of the call it is serving to the calls it makes; Istio's Envoys cannot do it for
-the app.  :class:`OutboundInterceptor` does it for every call on a channel, and
+the app.  [`OutboundInterceptor`][meshrpc.OutboundInterceptor] does it for every call on a channel, and
 shortens each call's timeout to what is left of the incoming deadline.
 """
 
@@ -107,7 +107,7 @@ class CallDetailsInterceptor(
 class OutboundInterceptor(CallDetailsInterceptor):
     """A client interceptor for every RPC kind: forwards trace headers, propagates the deadline.
 
-    ``propagate_trace``: add :func:`outgoing_metadata` to every call.
+    ``propagate_trace``: add [`outgoing_metadata`][meshrpc.outgoing_metadata] to every call.
     ``propagate_deadline``: a call made while serving an RPC gets at most the time
     left of that RPC's deadline (an explicit timeout can only shorten it); once the
     deadline has passed, calls fail at once with DEADLINE_EXCEEDED.

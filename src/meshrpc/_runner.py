@@ -43,7 +43,7 @@ def _describe(task: asyncio.Task[Any]) -> str:
 
 
 def owns_process() -> bool:
-    """True inside :func:`run`: the server may end the process (never when embedded in tests)."""
+    """True inside `run`: the server may end the process (never when embedded in tests)."""
     return _owned
 
 

@@ -41,7 +41,7 @@ class Service:
     """Optional base class for a servicer, next to the generated one.
 
     ``class Greeter(helloworld_pb2_grpc.GreeterServicer, meshrpc.Service)`` gets
-    :attr:`draining`; the service's name and methods always come from the
+    `draining`; the service's name and methods always come from the
     generated ``*Servicer`` base, never from this class.
     """
 
@@ -63,7 +63,7 @@ class Service:
 
 
 def attach(servicer: object, app: App) -> None:
-    """``app`` serves ``servicer``: a :class:`Service`'s ``draining`` is then the app's."""
+    """``app`` serves ``servicer``: a [`Service`][meshrpc.Service]'s ``draining`` is then the app's."""
     if isinstance(servicer, Service):
         servicer._meshrpc_app = app
 

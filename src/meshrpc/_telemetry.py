@@ -3,7 +3,7 @@
 All three are decided once, when the server composes its handlers: with no SDK
 configured (the API's proxy providers) and the access log off, nothing observes
 the RPCs, so telemetry costs nothing.  Otherwise meshrpc's handler wrapper begins
-an :class:`Observation` before the handler and finishes it after.  Span and
+an `Observation` before the handler and finishes it after.  Span and
 metric names follow the RPC semantic conventions as the OpenTelemetry gRPC
 instrumentations emit them
 (``rpc.system``, ``rpc.service``, ``rpc.method``, ``rpc.grpc.status_code``,

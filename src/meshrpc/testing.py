@@ -53,7 +53,7 @@ class TestServer:
 
 @contextlib.asynccontextmanager
 async def running(app: App, **settings: Any) -> AsyncIterator[TestServer]:
-    """Serve ``app`` until the block ends; yield a :class:`TestServer`."""
+    """Serve ``app`` until the block ends; yield a `TestServer`."""
     config = app.config.replace(**{**TEST_DEFAULTS, **settings})
     if app.server is not None:
         raise RuntimeError(f"app {app.name!r} is being served already")

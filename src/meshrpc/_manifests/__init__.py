@@ -1,6 +1,6 @@
 """``meshrpc routes``: Kubernetes and Istio (or Gateway API) manifests from an App.
 
-Pure functions: :func:`manifests` takes the app's registered services, its config and
+Pure functions: `manifests` takes the app's registered services, its config and
 the options, and returns plain data (one dict per resource) in a fixed order; YAML is
 written only at the edge (:mod:`.render`).  Same input, same bytes.
 

@@ -207,7 +207,7 @@ def authorization_policy(options: RoutesOptions, config: Config, services: Seque
     which only knows L4: principals, namespaces and ports.  ztunnel turns a rule with L7
     fields (paths, methods) into DENY, so such fields are written here only for
     ``--data-plane sidecar``; elsewhere path rules live on the waypoint's policy
-    (:func:`waypoint_policy`).  Kubelet's probes never pass this policy: the sidecar
+    (`waypoint_policy`).  Kubelet's probes never pass this policy: the sidecar
     injector rewrites them to the agent (:15020), and ztunnel lets the node's probes in.
     """
     to: list[dict[str, Any]] = [{"operation": {"ports": [str(config.port)]}}]
