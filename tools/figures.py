@@ -115,11 +115,14 @@ def draw_rollout(record: dict[str, Any], path: Path, command: str) -> None:
     """Calls per 100 ms per replica, failed calls in red, and SIGTERM, D and D+G on the time axis."""
     plt = _pyplot()
     runs = record["runs"]
-    fig, axes = plt.subplots(len(runs), 1, figsize=(9, 2.7 * len(runs) + 0.4), sharex=True, squeeze=False)
-    end = max((event[0] for run in runs for event in run["events"]), default=1.0)
-    bins = max(1, int(end / 0.1) + 1)
-    colors = {"old a": "#9ecae1", "old b": "#3182bd", "new a": "#a1d99b", "new b": "#31a354"}
+    fig, axes = plt.subplots(len(runs), 1, figsize=(9, 3.1 * len(runs) + 0.6), squeeze=False)
+    # Old replicas in blues, dashed; new ones in greens and purples, solid: each line stays visible.
+    colors = {"old a": "#1f77b4", "old b": "#17becf", "new a": "#2ca02c", "new b": "#9467bd"}
+    styles = {"old a": "--", "old b": ":", "new a": "-", "new b": "-"}
     for ax, run in zip(axes[:, 0], runs, strict=True):
+        # Each panel ends with its own load: no empty stretch after the last call.
+        end = max((event[0] for event in run["events"]), default=1.0) + 0.1
+        bins = max(1, int(end / 0.1) + 1)
         ok: dict[str, list[int]] = {}
         failed = [0] * bins
         for t, replica, status, *count in run["events"]:  # [t, replica, status, how many]
@@ -131,26 +134,49 @@ def draw_rollout(record: dict[str, Any], path: Path, command: str) -> None:
                 failed[slot] += n
         times = [i * 0.1 for i in range(bins)]
         for replica in sorted(ok, key=lambda r: (not r.startswith("old"), r)):
-            ax.step(times, ok[replica], where="post", label=replica, color=colors.get(replica), linewidth=1.2)
+            ax.step(
+                times,
+                ok[replica],
+                where="post",
+                label=f"answered by {replica}",
+                color=colors.get(replica),
+                linestyle=styles.get(replica, "-"),
+                linewidth=1.4,
+            )
         if any(failed):
             ax.bar(times, failed, width=0.1, align="edge", color="#d62728", label="failed calls", zorder=3)
         delay, grace = run["drain_delay"], run["grace"]
-        for t, replica in run["sigterms"]:
+        for index, (t, replica) in enumerate(run["sigterms"]):
             ax.axvline(t, color="black", linewidth=0.9)
-            ax.text(t, 1.0, f" SIGTERM {replica}", transform=ax.get_xaxis_transform(), fontsize=7, va="top")
+            # Labels at two heights, so two SIGTERMs close together stay readable.
+            height = 0.97 - 0.12 * (index % 2)
+            ax.text(t, height, f" SIGTERM {replica}", transform=ax.get_xaxis_transform(), fontsize=7, va="top")
             if delay:
                 ax.axvline(t + delay, color="black", linewidth=0.8, linestyle="--")
-            ax.axvline(t + delay + grace, color="grey", linewidth=0.8, linestyle=":")
+        ax.text(
+            0.06,
+            0.3,
+            "one replica at first: Envoy admits\nthe other after its first health check",
+            transform=ax.get_yaxis_transform(),
+            fontsize=6.5,
+            color="#555555",
+        )
         total = sum(sum(counts) for counts in ok.values())
         lost = sum(failed)
+        shortened = " (shortened from the default 5 s to keep the run short)" if 0 < delay < 5 else ""
+        name = "with the drain delay" if delay else "without a drain delay"
         ax.set_title(
-            f"drain delay D = {delay:g} s, grace G = {grace:g} s: {total} calls answered, {lost} failed",
+            f"{name}: D = {delay:g} s{shortened}, grace G = {grace:g} s; {total} calls answered, {lost} failed",
             fontsize=9,
             loc="left",
         )
         ax.set_ylabel("calls per 100 ms")
-        ax.legend(loc="upper right", fontsize=7, ncol=5, frameon=False, bbox_to_anchor=(1, 1.22))
-    axes[-1, 0].set_xlabel("seconds since the load started   (solid: SIGTERM, dashed: D, dotted: D+G)")
+        ax.set_xlim(0, end)
+        ax.legend(loc="upper right", fontsize=7, ncol=5, frameon=False, bbox_to_anchor=(1, 1.25))
+    axes[-1, 0].set_xlabel(
+        "seconds since the load started; two replicas behind Envoy, each replaced in turn\n"
+        "(solid line: SIGTERM to a replica; dashed: its drain delay D ends and it stops accepting calls)"
+    )
     fig.tight_layout(rect=(0, 0.03, 1, 1))
     _save(fig, path, caption(command))
 
@@ -247,11 +273,23 @@ def draw_lifecycle(record: dict[str, Any], path: Path, command: str) -> None:
             [1 if start is not None and start <= t and (end is None or t < end) else 0 for t in times],
         ),
     ]
-    fig, ax = plt.subplots(figsize=(9, 3.2))
+    fig, ax = plt.subplots(figsize=(9, 3.6))
+    left = times[0] if times else 0.0
     for row, (name, values) in enumerate(tracks):
         base = (len(tracks) - 1 - row) * 1.5
         ax.fill_between(times, [base] * len(values), [base + 0.9 * v for v in values], step="post", alpha=0.6)
-        ax.text(times[0] if times else 0, base + 1.0, name, fontsize=8)
+        ax.text(left + 0.05, base + 0.93, name, fontsize=8, va="bottom")
+    if times:
+        # Liveness is probed from outside on new connections, which the server refuses from
+        # GOAWAY on; until then it answers SERVING, whatever readiness says.
+        ax.text(
+            t0 + delay + 0.1,
+            1.5 * (len(tracks) - 2) + 0.45,
+            "probes open new connections:\nrefused once GOAWAY is sent",
+            fontsize=6.5,
+            color="#555555",
+        )
+    ax.set_ylim(-0.2, 1.5 * len(tracks) + 0.2)
     marks = [(t0, "t0: SIGTERM", "-"), (t0 + delay, "t0+D: GOAWAY", "--"), (t0 + delay + grace, "t0+D+G", ":")]
     if record["stopped"] is not None:
         marks.append((record["stopped"], "stopped", "-."))
