@@ -30,6 +30,7 @@ from ._handlers import InFlight, method_handler
 from ._health import HEALTH_SERVICE, Health
 from ._interceptors import server_interceptors
 from ._otel_setup import configure_sdk
+from ._overload import LoadShedder
 from ._reflection import add_reflection
 from ._service import describe
 from ._sync import is_sync
@@ -74,14 +75,19 @@ async def bind(app: App, config: Config, mesh: _mesh.MeshInfo) -> Assembly:
         raise BindError(f"cannot listen on {config.address}: the address is in use or not available") from None
     # max_concurrent_rpcs is enforced by meshrpc's handlers on the app's own services
     # (InFlight), so health and reflection always answer.
-    assembly = Assembly(server=server, port=port, inflight=InFlight(config.max_concurrent_rpcs))
+    inflight = InFlight(
+        config.max_concurrent_rpcs,
+        shedder=LoadShedder(config.overload_target_delay),
+        min_remaining=config.min_time_remaining,
+    )
+    assembly = Assembly(server=server, port=port, inflight=inflight)
     await _setup_telemetry(assembly, app, config)
     return assembly
 
 
 def register(assembly: Assembly, app: App, config: Config, health: Health) -> None:
     """Every method the server answers, in one table (after the lifespan: it may set up telemetry)."""
-    observe = _observer(config, assembly.port)
+    observe = _observer(config, assembly.port, assembly.inflight.shedder)
     assembly.observed = observe is not None
     intercepted = bool(app.interceptors)
     assembly.pool = _thread_pool(app, config)
@@ -151,7 +157,7 @@ def grpc_options(config: Config, mesh: _mesh.MeshInfo) -> list[tuple[str, Any]]:
     return options
 
 
-def _observer(config: Config, port: int) -> Observe | None:
+def _observer(config: Config, port: int, shedder: LoadShedder) -> Observe | None:
     tracing, metering = sdk_configured() if config.telemetry else (False, False)
     telemetry = Telemetry(
         tracing=tracing,
@@ -160,6 +166,7 @@ def _observer(config: Config, port: int) -> Observe | None:
         access_log_sample_rate=config.access_log_sample_rate,
         server_address=config.host.strip("[]"),
         server_port=port or config.port,
+        shedder=shedder,
     )
     logger.debug("telemetry: tracing %s, metrics %s, access log %s", tracing, metering, config.access_log)
     if not telemetry.enabled:

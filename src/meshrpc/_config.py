@@ -68,6 +68,16 @@ class Config:
         None,
         "RPCs served at once; beyond it new ones get RESOURCE_EXHAUSTED. Unset: no limit.",
     )
+    overload_target_delay: float | None = _setting(
+        0.02,
+        "Seconds of queueing on the event loop tolerated before new calls are shed (UNAVAILABLE, before their "
+        "handler runs), more of them the longer it stays over. Unset: never shed.",
+    )
+    min_time_remaining: float = _setting(
+        0.001,
+        "Seconds a call must have left before its deadline for its handler to be started; "
+        "one with less gets DEADLINE_EXCEEDED without running anything.",
+    )
     thread_pool_size: int = _setting(
         16,
         "Threads that run 'def' handlers; more concurrent sync calls wait for a free thread.",
@@ -178,6 +188,17 @@ class Config:
                 name,
                 f"must be > 0 seconds, got {value}",
             )
+        if self.overload_target_delay is not None:
+            _require(
+                math.isfinite(self.overload_target_delay) and self.overload_target_delay > 0,
+                "overload_target_delay",
+                f"must be > 0 seconds or unset, got {self.overload_target_delay}",
+            )
+        _require(
+            math.isfinite(self.min_time_remaining) and self.min_time_remaining >= 0,
+            "min_time_remaining",
+            f"must be >= 0 seconds, got {self.min_time_remaining}",
+        )
         if self.max_connection_age is not None:
             _require(
                 math.isfinite(self.max_connection_age) and self.max_connection_age > 0,

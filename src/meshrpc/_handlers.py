@@ -19,6 +19,7 @@ from google.protobuf.message import DecodeError
 from ._errors import AppError
 from ._failures import HANDLER_ERRORS, fail, wrong_reply
 from ._middleware import Middleware, applicable, compose
+from ._overload import LATE_DETAILS, SHED_DETAILS, LoadShedder
 from ._rpc_context import current_rpc
 from ._service import MethodSpec, RpcKind
 from ._sync import adapt, is_sync
@@ -28,19 +29,24 @@ Handler = Callable[..., Any]
 
 
 class InFlight:
-    """The RPCs of the app's own services being served, and an optional limit on them.
+    """Admission for the app's own services: the RPCs being served, an optional limit on
+    them, the overload shedder, and how much time a call must have left to be started.
 
     The limit is meshrpc's rather than grpc core's ``maximum_concurrent_rpcs``, which
     counts every RPC: with it, slow calls could make the health service answer
     RESOURCE_EXHAUSTED and a liveness probe restart a healthy pod.
     """
 
-    __slots__ = ("cancelled", "count", "limit")
+    __slots__ = ("cancelled", "count", "limit", "min_remaining", "shedder")
 
-    def __init__(self, limit: int | None = None) -> None:
+    def __init__(
+        self, limit: int | None = None, *, shedder: LoadShedder | None = None, min_remaining: float = -1.0
+    ) -> None:
         self.count = 0
         self.limit = limit if limit is not None else 1 << 62
         self.cancelled = 0  # cancelled handlers since the last reset (the drain counts them)
+        self.shedder = shedder if shedder is not None else LoadShedder(None)
+        self.min_remaining = min_remaining  # seconds; a call with no more left is not started (-1: every call is)
 
 
 class _Malformed:
@@ -151,9 +157,18 @@ def _single_reply(outer: _Outer, impl: Handler) -> Handler:
     streaming_requests = spec.kind is RpcKind.STREAM_UNARY
     enter, invalid = current_rpc.set, grpc.StatusCode.INVALID_ARGUMENT
     abort_error, cancelled_error = grpc.aio.AbortError, asyncio.CancelledError
+    shedder, min_remaining = inflight.shedder, inflight.min_remaining
+    unavailable, late = grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED
 
     async def replying(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         enter(context)
+        # Admission first, before any parsing: what is refused here costs the least.
+        if shedder.share and shedder.refuse():
+            await _refuse(context, begin, unavailable, SHED_DETAILS)
+        remaining = context.time_remaining()
+        if remaining is not None and remaining <= min_remaining:
+            shedder.late += 1
+            await _refuse(context, begin, late, LATE_DETAILS)
         if parse is not None:
             try:
                 request = parse(request)
@@ -200,9 +215,18 @@ def _iterated_stream(outer: _Outer, impl: Handler) -> Handler:
     streaming_requests = spec.kind is RpcKind.STREAM_STREAM
     enter, invalid = current_rpc.set, grpc.StatusCode.INVALID_ARGUMENT
     abort_error, cancelled_error = grpc.aio.AbortError, asyncio.CancelledError
+    shedder, min_remaining = inflight.shedder, inflight.min_remaining
+    unavailable, late = grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED
 
     async def streaming(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
         enter(context)
+        # Admission first, before any parsing: what is refused here costs the least.
+        if shedder.share and shedder.refuse():
+            await _refuse(context, begin, unavailable, SHED_DETAILS)
+        remaining = context.time_remaining()
+        if remaining is not None and remaining <= min_remaining:
+            shedder.late += 1
+            await _refuse(context, begin, late, LATE_DETAILS)
         if parse is not None:
             try:
                 request = parse(request)
@@ -250,9 +274,18 @@ def _delegated_stream(outer: _Outer, impl: Handler) -> Handler:
     streaming_requests = spec.kind is RpcKind.STREAM_STREAM
     enter, invalid = current_rpc.set, grpc.StatusCode.INVALID_ARGUMENT
     abort_error, cancelled_error = grpc.aio.AbortError, asyncio.CancelledError
+    shedder, min_remaining = inflight.shedder, inflight.min_remaining
+    unavailable, late = grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED
 
     async def writing(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
         enter(context)
+        # Admission first, before any parsing: what is refused here costs the least.
+        if shedder.share and shedder.refuse():
+            await _refuse(context, begin, unavailable, SHED_DETAILS)
+        remaining = context.time_remaining()
+        if remaining is not None and remaining <= min_remaining:
+            shedder.late += 1
+            await _refuse(context, begin, late, LATE_DETAILS)
         if parse is not None:
             try:
                 request = parse(request)
@@ -353,7 +386,7 @@ def method_handler(
         if is_sync(impl):
             if pool is None:
                 raise AppError(f"{spec.path} is a 'def' handler, but no thread pool was given for it")
-            impl = adapt(spec, impl, pool)
+            impl = adapt(spec, impl, pool, inflight.shedder if inflight is not None else None)
         chain = applicable(spec, middleware)
         if chain:
             impl = compose(spec, chain, impl)  # a stream's chain writes the replies and counts them

@@ -257,6 +257,7 @@ class Server:
         _assembly.register(assembly, app, config, health)
         self._unless_stopped()
         await assembly.server.start()
+        assembly.inflight.shedder.start()
         tls = " (mutual TLS)" if config.tls_client_ca_file else " (TLS)" if config.tls_cert_file else ""
         logger.info("serving app %s on %s%s: %s", app.name, self.display_address, tls, ", ".join(assembly.names))
         if not app.services:
@@ -303,6 +304,7 @@ class Server:
             await asyncio.wait(self._tasks, timeout=TASK_EXIT_WAIT)
         assembly = self._assembly
         if assembly is not None:
+            await assembly.inflight.shedder.stop()
             await assembly.server.stop(0)  # no-op after a completed drain
             if assembly.pool is not None:
                 # Handlers still running past the grace were cancelled; their threads are

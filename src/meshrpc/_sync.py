@@ -26,6 +26,7 @@ import grpc
 from google.protobuf.message import Message
 
 from ._errors import HandlerShapeError, StatusError
+from ._overload import LATE_DETAILS, LoadShedder
 from ._service import MethodSpec, RpcKind
 
 Handler = Callable[..., Any]
@@ -204,7 +205,20 @@ def _short(value: Any) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
-def adapt(spec: MethodSpec, fn: Handler, pool: concurrent.futures.Executor) -> Handler:
+def _in_time(shedder: LoadShedder | None, sync: SyncContext, fn: Handler, *args: Any) -> Any:
+    """Run ``fn`` in its thread unless the call's deadline passed while it waited for one:
+    a full pool is a queue too, and a late call's work helps nobody."""
+    remaining = sync.time_remaining()
+    if remaining is not None and remaining <= 0:
+        if shedder is not None:
+            shedder.late += 1
+        raise StatusError(LATE_DETAILS, code=grpc.StatusCode.DEADLINE_EXCEEDED)
+    return fn(*args)
+
+
+def adapt(
+    spec: MethodSpec, fn: Handler, pool: concurrent.futures.Executor, shedder: LoadShedder | None = None
+) -> Handler:
     """``fn``, a ``def`` handler, as an async handler of the same RPC kind."""
     kind = spec.kind
     streaming_requests = kind in (RpcKind.STREAM_UNARY, RpcKind.STREAM_STREAM)
@@ -215,7 +229,7 @@ def adapt(spec: MethodSpec, fn: Handler, pool: concurrent.futures.Executor) -> H
             loop = asyncio.get_running_loop()
             sync = SyncContext(context, loop)
             first = RequestIterator(request, loop) if streaming_requests else request
-            call = functools.partial(contextvars.copy_context().run, fn, first, sync)
+            call = functools.partial(contextvars.copy_context().run, _in_time, shedder, sync, fn, first, sync)
             try:
                 return await loop.run_in_executor(pool, call)
             finally:
@@ -233,7 +247,9 @@ def adapt(spec: MethodSpec, fn: Handler, pool: concurrent.futures.Executor) -> H
         replies: Any = None
         last: asyncio.Future[Any] | None = None
         try:
-            last = loop.run_in_executor(pool, functools.partial(run, _replies_of, spec, fn, first, sync))
+            last = loop.run_in_executor(
+                pool, functools.partial(run, _in_time, shedder, sync, _replies_of, spec, fn, first, sync)
+            )
             replies = await last
             while True:
                 last = loop.run_in_executor(pool, functools.partial(run, next, replies, _END))

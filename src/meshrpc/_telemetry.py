@@ -33,6 +33,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from ._errors import StatusError
 from ._failures import final_code
+from ._overload import LoadShedder
 from ._rpc_context import current_rpc, incoming_metadata, text_items
 from ._service import MethodSpec, RpcKind
 from ._version import __version__
@@ -84,6 +85,7 @@ class Telemetry:
     access_log_sample_rate: float
     server_address: str
     server_port: int
+    shedder: LoadShedder | None = None  # whose counters and gauges the metrics report
 
     @property
     def enabled(self) -> bool:
@@ -96,8 +98,29 @@ _CODE_NUMBERS = {code: code.value[0] for code in grpc.StatusCode}
 
 
 class _Instruments:
-    def __init__(self, methods: dict[str, _Method]) -> None:
+    def __init__(self, methods: dict[str, _Method], shedder: LoadShedder | None) -> None:
         meter = metrics.get_meter("meshrpc", __version__)
+        if shedder is not None:
+            # Plain counters kept by the shedder, read only when the SDK collects.
+            self.shedder = shedder
+            meter.create_observable_counter(
+                "meshrpc.server.refused",
+                callbacks=[self._observe_refused],
+                unit="{call}",
+                description="Calls refused before their handler ran, by reason: overload (shed) or late.",
+            )
+            meter.create_observable_gauge(
+                "meshrpc.server.shed_share",
+                callbacks=[lambda options: [metrics.Observation(shedder.share)]],
+                unit="1",
+                description="The share of new calls being shed now (0: all admitted).",
+            )
+            meter.create_observable_gauge(
+                "meshrpc.server.queue_delay",
+                callbacks=[lambda options: [metrics.Observation(shedder.delay * 1000)]],
+                unit="ms",
+                description="How late the event loop ran a timer at the last sample: the queueing delay.",
+            )
         self.duration = meter.create_histogram(
             "rpc.server.duration", unit="ms", description="Measures the duration of inbound RPC."
         )
@@ -116,6 +139,12 @@ class _Instruments:
         self.responses_per_rpc = meter.create_histogram(
             "rpc.server.responses_per_rpc", unit="{count}", description="Messages sent per streaming RPC."
         )
+
+    def _observe_refused(self, options: metrics.CallbackOptions) -> list[metrics.Observation]:
+        return [
+            metrics.Observation(self.shedder.shed, {"reason": "overload"}),
+            metrics.Observation(self.shedder.late, {"reason": "late"}),
+        ]
 
     def _observe_active(self, options: metrics.CallbackOptions) -> list[metrics.Observation]:
         return [metrics.Observation(method.active, method.metric_attrs) for method in self.methods.values()]
@@ -281,7 +310,7 @@ class _Tools:
         self.server_address = telemetry.server_address
         self.server_port = telemetry.server_port
         self._methods: dict[str, _Method] = {}
-        self.instruments = _Instruments(self._methods) if telemetry.metrics else None
+        self.instruments = _Instruments(self._methods, telemetry.shedder) if telemetry.metrics else None
 
     def begin_for(self, spec: MethodSpec) -> Begin:
         """How each RPC of ``spec`` begins its observation."""
