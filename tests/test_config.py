@@ -63,7 +63,10 @@ def test_environment_parsing() -> None:
 @pytest.mark.parametrize(
     ("env", "message"),
     [
-        ({"MESHRPC_PORT": "eighty"}, r"invalid setting port \(MESHRPC_PORT / --port\): wants a whole number, got 'eighty'"),
+        (
+            {"MESHRPC_PORT": "eighty"},
+            r"invalid setting port \(MESHRPC_PORT / --port\): wants a whole number, got 'eighty'",
+        ),
         ({"MESHRPC_REFLECTION": "maybe"}, r"invalid setting reflection \(MESHRPC_REFLECTION / --reflection\)"),
     ],
 )

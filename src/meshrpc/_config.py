@@ -69,7 +69,7 @@ class Config:
         "RPCs served at once; beyond it new ones get RESOURCE_EXHAUSTED. Unset: no limit.",
     )
     overload_target_delay: float | None = _setting(
-        0.02,
+        0.05,
         "Seconds of queueing on the event loop tolerated before new calls are shed (UNAVAILABLE, before their "
         "handler runs), more of them the longer it stays over. Unset: never shed.",
     )

@@ -11,6 +11,7 @@ import asyncio
 import concurrent.futures
 import inspect
 from collections.abc import AsyncIterator, Callable
+from time import perf_counter
 from typing import Any
 
 import grpc
@@ -75,6 +76,18 @@ def _deserializer(spec: MethodSpec) -> Callable[[bytes], Any]:
             return _Malformed(reason)
 
     return deserialize
+
+
+def _turned_away(
+    context: grpc.aio.ServicerContext[Any, Any], begin: Begin | None, code: grpc.StatusCode, details: str
+) -> None:
+    """Answer ``code`` before the handler runs, the cheapest way grpc.aio has (a status set,
+    the handler returning None), observed as any RPC is."""
+    obs = begin(context) if begin is not None else None
+    context.set_code(code)
+    context.set_details(details)
+    if obs is not None:
+        obs.finish(None, None)
 
 
 async def _refuse(
@@ -158,17 +171,27 @@ def _single_reply(outer: _Outer, impl: Handler) -> Handler:
     enter, invalid = current_rpc.set, grpc.StatusCode.INVALID_ARGUMENT
     abort_error, cancelled_error = grpc.aio.AbortError, asyncio.CancelledError
     shedder, min_remaining = inflight.shedder, inflight.min_remaining
+    budget, target = shedder.budget(), shedder.target if shedder.target is not None else float("inf")
     unavailable, late = grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED
 
     async def replying(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         enter(context)
-        # Admission first, before any parsing: what is refused here costs the least.
+        # Admission first, before any parsing: what is refused here costs the least (a status
+        # set and returned: no exception, nothing serialized).
         if shedder.share and shedder.refuse():
-            await _refuse(context, begin, unavailable, SHED_DETAILS)
+            return _turned_away(context, begin, unavailable, SHED_DETAILS)
         remaining = context.time_remaining()
-        if remaining is not None and remaining <= min_remaining:
-            shedder.late += 1
-            await _refuse(context, begin, late, LATE_DETAILS)
+        if remaining is not None:
+            if remaining <= min_remaining:
+                shedder.late += 1
+                return _turned_away(context, begin, late, LATE_DETAILS)
+            if remaining > budget.estimate:
+                budget.estimate = budget.seen = remaining
+            elif remaining > budget.seen:
+                budget.seen = remaining
+            elif shedder.saturated and budget.estimate - remaining > target and budget.worth_shedding:
+                shedder.shed += 1  # it waited longer than tolerated while the server is saturated
+                return _turned_away(context, begin, unavailable, SHED_DETAILS)
         if parse is not None:
             try:
                 request = parse(request)
@@ -179,6 +202,7 @@ def _single_reply(outer: _Outer, impl: Handler) -> Handler:
         if inflight.count >= inflight.limit:
             await _over_limit(context, inflight, begin)
         inflight.count += 1
+        timed = perf_counter() if shedder.saturated else 0.0  # what a handler costs, learnt under load
         obs = begin(context) if begin is not None else None
         error: BaseException | None = None
         try:
@@ -198,6 +222,8 @@ def _single_reply(outer: _Outer, impl: Handler) -> Handler:
             await fail(context, spec, exc)
         finally:
             inflight.count -= 1
+            if timed:
+                budget.took(perf_counter() - timed)
             if obs is not None:
                 obs.finish(error, None)
 
@@ -216,17 +242,27 @@ def _iterated_stream(outer: _Outer, impl: Handler) -> Handler:
     enter, invalid = current_rpc.set, grpc.StatusCode.INVALID_ARGUMENT
     abort_error, cancelled_error = grpc.aio.AbortError, asyncio.CancelledError
     shedder, min_remaining = inflight.shedder, inflight.min_remaining
+    budget, target = shedder.budget(), shedder.target if shedder.target is not None else float("inf")
     unavailable, late = grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED
 
     async def streaming(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
         enter(context)
-        # Admission first, before any parsing: what is refused here costs the least.
+        # Admission first, before any parsing: what is refused here costs the least (a status
+        # set and returned: no exception, nothing serialized).
         if shedder.share and shedder.refuse():
-            await _refuse(context, begin, unavailable, SHED_DETAILS)
+            return _turned_away(context, begin, unavailable, SHED_DETAILS)
         remaining = context.time_remaining()
-        if remaining is not None and remaining <= min_remaining:
-            shedder.late += 1
-            await _refuse(context, begin, late, LATE_DETAILS)
+        if remaining is not None:
+            if remaining <= min_remaining:
+                shedder.late += 1
+                return _turned_away(context, begin, late, LATE_DETAILS)
+            if remaining > budget.estimate:
+                budget.estimate = budget.seen = remaining
+            elif remaining > budget.seen:
+                budget.seen = remaining
+            elif shedder.saturated and budget.estimate - remaining > target and budget.worth_shedding:
+                shedder.shed += 1  # it waited longer than tolerated while the server is saturated
+                return _turned_away(context, begin, unavailable, SHED_DETAILS)
         if parse is not None:
             try:
                 request = parse(request)
@@ -237,6 +273,7 @@ def _iterated_stream(outer: _Outer, impl: Handler) -> Handler:
         if inflight.count >= inflight.limit:
             await _over_limit(context, inflight, begin)
         inflight.count += 1
+        timed = perf_counter() if shedder.saturated else 0.0  # what a handler costs, learnt under load
         obs = begin(context) if begin is not None else None
         error: BaseException | None = None
         write = context.write
@@ -259,6 +296,8 @@ def _iterated_stream(outer: _Outer, impl: Handler) -> Handler:
             await fail(context, spec, exc)
         finally:
             inflight.count -= 1
+            if timed:
+                budget.took(perf_counter() - timed)
             if obs is not None:
                 obs.finish(error, sent)
 
@@ -275,17 +314,27 @@ def _delegated_stream(outer: _Outer, impl: Handler) -> Handler:
     enter, invalid = current_rpc.set, grpc.StatusCode.INVALID_ARGUMENT
     abort_error, cancelled_error = grpc.aio.AbortError, asyncio.CancelledError
     shedder, min_remaining = inflight.shedder, inflight.min_remaining
+    budget, target = shedder.budget(), shedder.target if shedder.target is not None else float("inf")
     unavailable, late = grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED
 
     async def writing(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
         enter(context)
-        # Admission first, before any parsing: what is refused here costs the least.
+        # Admission first, before any parsing: what is refused here costs the least (a status
+        # set and returned: no exception, nothing serialized).
         if shedder.share and shedder.refuse():
-            await _refuse(context, begin, unavailable, SHED_DETAILS)
+            return _turned_away(context, begin, unavailable, SHED_DETAILS)
         remaining = context.time_remaining()
-        if remaining is not None and remaining <= min_remaining:
-            shedder.late += 1
-            await _refuse(context, begin, late, LATE_DETAILS)
+        if remaining is not None:
+            if remaining <= min_remaining:
+                shedder.late += 1
+                return _turned_away(context, begin, late, LATE_DETAILS)
+            if remaining > budget.estimate:
+                budget.estimate = budget.seen = remaining
+            elif remaining > budget.seen:
+                budget.seen = remaining
+            elif shedder.saturated and budget.estimate - remaining > target and budget.worth_shedding:
+                shedder.shed += 1  # it waited longer than tolerated while the server is saturated
+                return _turned_away(context, begin, unavailable, SHED_DETAILS)
         if parse is not None:
             try:
                 request = parse(request)
@@ -296,6 +345,7 @@ def _delegated_stream(outer: _Outer, impl: Handler) -> Handler:
         if inflight.count >= inflight.limit:
             await _over_limit(context, inflight, begin)
         inflight.count += 1
+        timed = perf_counter() if shedder.saturated else 0.0  # what a handler costs, learnt under load
         obs = begin(context) if begin is not None else None
         error: BaseException | None = None
         sent: Any = None
@@ -313,6 +363,8 @@ def _delegated_stream(outer: _Outer, impl: Handler) -> Handler:
             await fail(context, spec, exc)
         finally:
             inflight.count -= 1
+            if timed:
+                budget.took(perf_counter() - timed)
             if obs is not None:
                 obs.finish(error, sent if sent.__class__ is int else None)
 

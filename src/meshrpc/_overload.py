@@ -7,7 +7,18 @@ handlers in flight does not see it (a CPU-bound handler holds the loop, so few a
 ever "in flight" while thousands wait in front of them), so the signal here is the
 queue itself: how late the loop runs a timer.
 
-Every ``TICK`` a sampler task measures that lateness.  When the smallest of the last
+Two signals, because the queue has two places.  Calls accepted by grpc.aio wait as
+tasks on the event loop; every ``TICK`` a sampler measures how late the loop runs a
+timer, and that is their queueing delay.  Calls not yet accepted wait inside grpc's
+core, where Python cannot see them, while the loop looks punctual: there the signal is
+the loop thread's own CPU (saturated: busy nearly all of the last ticks) together with
+each call's deadline.  Callers of a method mostly use one timeout, so the largest time
+remaining seen at the start of its calls lately estimates that timeout, and what a call
+has less than that is how long it waited.  While the loop is saturated, a call that
+waited longer than ``target`` is refused: the queue stays short, so the calls that are
+served are served soon after they arrive, not just before their deadline.
+
+Every ``TICK`` a sampler task measures the loop's lateness.  When the smallest of the last
 few samples is above ``target`` (a standing queue, not a burst: CoDel's test), the
 share of new calls refused rises by ``STEP``; when it is below, the share is cut by a
 factor, so admission recovers within a few ticks once the load drops.  A refused call
@@ -20,12 +31,19 @@ from __future__ import annotations
 import asyncio
 import collections
 import random
+import time
 
 TICK = 0.01  # seconds between samples of the loop's lateness
 WINDOW = 3  # samples whose smallest must exceed the target: a standing queue, not one slow callback
 STEP = 0.05  # added to the refused share per tick over the target
 DECAY = 0.7  # the refused share is multiplied by this per tick under the target
 MAX_SHARE = 0.98  # some calls always get through: they measure whether the overload is over
+BUSY = 0.95  # the loop thread's share of CPU, every tick of the window, that makes it saturated
+IDLE = 0.75  # ... and below which, every tick of the window, it is no longer
+BUDGET_WINDOW = 5.0  # seconds a method's largest time remaining is remembered for
+# A handler that takes less than this costs about what refusing its call does (grpc.aio's
+# accept and answer, measured here at 0.15-0.25 ms): shedding its calls saves nothing.
+WORTH_SHEDDING = 0.0005
 
 SHED_DETAILS = "the server is overloaded: refused before the handler ran, safe to retry on another replica"
 LATE_DETAILS = "the call's deadline passed while it waited for the server: its handler was not started"
@@ -38,16 +56,38 @@ class LoadShedder:
     are plain ints, read by telemetry when it collects.
     """
 
-    __slots__ = ("_samples", "_task", "delay", "late", "share", "shed", "target")
+    __slots__ = (
+        "_busy",
+        "_samples",
+        "_task",
+        "budgets",
+        "delay",
+        "late",
+        "min_remaining",
+        "saturated",
+        "share",
+        "shed",
+        "target",
+    )
 
-    def __init__(self, target: float | None) -> None:
+    def __init__(self, target: float | None, min_remaining: float = -1.0) -> None:
         self.target = target  # seconds of queueing delay tolerated; None: never shed
+        self.min_remaining = min_remaining  # a call with no more time left is not started (-1: every call is)
         self.share = 0.0
         self.delay = 0.0  # the loop's lateness at the last sample, in seconds
         self.shed = 0  # calls refused for overload
         self.late = 0  # calls refused because their deadline would pass before the handler
         self._samples: collections.deque[float] = collections.deque(maxlen=WINDOW)
+        self._busy: collections.deque[float] = collections.deque(maxlen=WINDOW)
         self._task: asyncio.Task[None] | None = None
+        self.saturated = False  # the loop thread was busy nearly all of the last ticks
+        self.budgets: list[Budget] = []  # one per method, rotated by the sampler
+
+    def budget(self) -> Budget:
+        """A method's own estimate of its callers' timeout."""
+        budget = Budget()
+        self.budgets.append(budget)
+        return budget
 
     def refuse(self) -> bool:
         """Whether to refuse the call at hand (counted when true)."""
@@ -71,10 +111,25 @@ class LoadShedder:
         loop = asyncio.get_running_loop()
         target = self.target
         assert target is not None
+        rotated = loop.time()
         while True:
-            before = loop.time()
+            # The process's CPU, not only the loop thread's: 'def' handlers burn theirs in the
+            # pool's threads, and the GIL makes one core the limit for both.
+            before, cpu = loop.time(), time.process_time()
             await asyncio.sleep(TICK)
-            self.observe(max(0.0, loop.time() - before - TICK), target)
+            after = loop.time()
+            self._busy.append((time.process_time() - cpu) / max(after - before, 1e-6))
+            if len(self._busy) == WINDOW:  # on when busy throughout, off only once clearly idle
+                if min(self._busy) >= BUSY:
+                    self.saturated = True
+                elif max(self._busy) < IDLE:
+                    self.saturated = False
+            self.observe(max(0.0, after - before - TICK), target)
+            if after - rotated >= BUDGET_WINDOW and not self.saturated:
+                # Not while saturated: every call then waits, and the estimate would shrink to match.
+                rotated = after
+                for budget in self.budgets:
+                    budget.rotate()
 
     def observe(self, delay: float, target: float) -> None:
         """One sample of the loop's lateness: raise or lower the refused share."""
@@ -84,3 +139,30 @@ class LoadShedder:
             self.share = min(MAX_SHARE, self.share + STEP)
         elif self.share:
             self.share = self.share * DECAY if self.share > 0.01 else 0.0
+
+
+class Budget:
+    """One method's view of its calls under load.
+
+    The largest time remaining seen at the start of its calls, lately, estimates the
+    timeout its callers use, so ``estimate - remaining`` is how long a call waited before
+    its handler could start.  And what its handler takes, measured only while the server
+    is saturated: refusing a call costs about what accepting it does, so refusing calls
+    of a method whose handler costs no more than that shortens no queue; it would only
+    turn calls away.  Such a method's calls are never shed for their wait.
+    """
+
+    __slots__ = ("cost", "estimate", "seen", "worth_shedding")
+
+    def __init__(self) -> None:
+        self.seen = 0.0  # the largest in this window
+        self.estimate = 0.0  # the largest in this window and the last
+        self.cost = WORTH_SHEDDING  # seconds a handler takes, averaged (assumed worth it until measured)
+        self.worth_shedding = True
+
+    def took(self, seconds: float) -> None:
+        self.cost += (seconds - self.cost) * 0.1
+        self.worth_shedding = self.cost >= WORTH_SHEDDING
+
+    def rotate(self) -> None:
+        self.estimate, self.seen = self.seen, 0.0

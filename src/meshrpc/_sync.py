@@ -206,10 +206,11 @@ def _short(value: Any) -> str:
 
 
 def _in_time(shedder: LoadShedder | None, sync: SyncContext, fn: Handler, *args: Any) -> Any:
-    """Run ``fn`` in its thread unless the call's deadline passed while it waited for one:
-    a full pool is a queue too, and a late call's work helps nobody."""
+    """Run ``fn`` in its thread unless the call's deadline passed while it waited for one
+    (or will before ``shedder.min_remaining``): a full pool is a queue too, and a late
+    call's work helps nobody."""
     remaining = sync.time_remaining()
-    if remaining is not None and remaining <= 0:
+    if remaining is not None and remaining <= (shedder.min_remaining if shedder is not None else 0.0):
         if shedder is not None:
             shedder.late += 1
         raise StatusError(LATE_DETAILS, code=grpc.StatusCode.DEADLINE_EXCEEDED)
