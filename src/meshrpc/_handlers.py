@@ -20,7 +20,7 @@ from google.protobuf.message import DecodeError
 from ._errors import AppError
 from ._failures import HANDLER_ERRORS, fail, wrong_reply
 from ._middleware import Middleware, applicable, compose
-from ._overload import LATE_DETAILS, SHED_DETAILS, LoadShedder
+from ._overload import LoadShedder, Refusal
 from ._rpc_context import current_rpc
 from ._service import MethodSpec, RpcKind
 from ._sync import adapt, is_sync
@@ -78,14 +78,13 @@ def _deserializer(spec: MethodSpec) -> Callable[[bytes], Any]:
     return deserialize
 
 
-def _turned_away(
-    context: grpc.aio.ServicerContext[Any, Any], begin: Begin | None, code: grpc.StatusCode, details: str
-) -> None:
-    """Answer ``code`` before the handler runs, the cheapest way grpc.aio has (a status set,
-    the handler returning None), observed as any RPC is."""
+def _turned_away(context: grpc.aio.ServicerContext[Any, Any], begin: Begin | None, refused: Refusal) -> None:
+    """Answer a refusal before the handler runs, the cheapest way grpc.aio has (a status
+    set and the handler returning None: no exception, nothing serialized), observed as
+    any RPC is."""
     obs = begin(context) if begin is not None else None
-    context.set_code(code)
-    context.set_details(details)
+    context.set_code(refused[0])
+    context.set_details(refused[1])
     if obs is not None:
         obs.finish(None, None)
 
@@ -170,28 +169,15 @@ def _single_reply(outer: _Outer, impl: Handler) -> Handler:
     streaming_requests = spec.kind is RpcKind.STREAM_UNARY
     enter, invalid = current_rpc.set, grpc.StatusCode.INVALID_ARGUMENT
     abort_error, cancelled_error = grpc.aio.AbortError, asyncio.CancelledError
-    shedder, min_remaining = inflight.shedder, inflight.min_remaining
-    budget, target = shedder.budget(), shedder.target if shedder.target is not None else float("inf")
-    unavailable, late = grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED
+    shedder = inflight.shedder
+    admit, budget = shedder.admission(inflight.min_remaining)
 
     async def replying(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         enter(context)
-        # Admission first, before any parsing: what is refused here costs the least (a status
-        # set and returned: no exception, nothing serialized).
-        if shedder.share and shedder.refuse():
-            return _turned_away(context, begin, unavailable, SHED_DETAILS)
-        remaining = context.time_remaining()
-        if remaining is not None:
-            if remaining <= min_remaining:
-                shedder.late += 1
-                return _turned_away(context, begin, late, LATE_DETAILS)
-            if remaining > budget.estimate:
-                budget.estimate = budget.seen = remaining
-            elif remaining > budget.seen:
-                budget.seen = remaining
-            elif shedder.saturated and budget.estimate - remaining > target and budget.worth_shedding:
-                shedder.shed += 1  # it waited longer than tolerated while the server is saturated
-                return _turned_away(context, begin, unavailable, SHED_DETAILS)
+        # Admission first, before any parsing: what is refused here costs the least.
+        refused = admit(context)
+        if refused is not None:
+            return _turned_away(context, begin, refused)
         if parse is not None:
             try:
                 request = parse(request)
@@ -241,28 +227,15 @@ def _iterated_stream(outer: _Outer, impl: Handler) -> Handler:
     streaming_requests = spec.kind is RpcKind.STREAM_STREAM
     enter, invalid = current_rpc.set, grpc.StatusCode.INVALID_ARGUMENT
     abort_error, cancelled_error = grpc.aio.AbortError, asyncio.CancelledError
-    shedder, min_remaining = inflight.shedder, inflight.min_remaining
-    budget, target = shedder.budget(), shedder.target if shedder.target is not None else float("inf")
-    unavailable, late = grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED
+    shedder = inflight.shedder
+    admit, budget = shedder.admission(inflight.min_remaining)
 
     async def streaming(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
         enter(context)
-        # Admission first, before any parsing: what is refused here costs the least (a status
-        # set and returned: no exception, nothing serialized).
-        if shedder.share and shedder.refuse():
-            return _turned_away(context, begin, unavailable, SHED_DETAILS)
-        remaining = context.time_remaining()
-        if remaining is not None:
-            if remaining <= min_remaining:
-                shedder.late += 1
-                return _turned_away(context, begin, late, LATE_DETAILS)
-            if remaining > budget.estimate:
-                budget.estimate = budget.seen = remaining
-            elif remaining > budget.seen:
-                budget.seen = remaining
-            elif shedder.saturated and budget.estimate - remaining > target and budget.worth_shedding:
-                shedder.shed += 1  # it waited longer than tolerated while the server is saturated
-                return _turned_away(context, begin, unavailable, SHED_DETAILS)
+        # Admission first, before any parsing: what is refused here costs the least.
+        refused = admit(context)
+        if refused is not None:
+            return _turned_away(context, begin, refused)
         if parse is not None:
             try:
                 request = parse(request)
@@ -313,28 +286,15 @@ def _delegated_stream(outer: _Outer, impl: Handler) -> Handler:
     streaming_requests = spec.kind is RpcKind.STREAM_STREAM
     enter, invalid = current_rpc.set, grpc.StatusCode.INVALID_ARGUMENT
     abort_error, cancelled_error = grpc.aio.AbortError, asyncio.CancelledError
-    shedder, min_remaining = inflight.shedder, inflight.min_remaining
-    budget, target = shedder.budget(), shedder.target if shedder.target is not None else float("inf")
-    unavailable, late = grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED
+    shedder = inflight.shedder
+    admit, budget = shedder.admission(inflight.min_remaining)
 
     async def writing(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
         enter(context)
-        # Admission first, before any parsing: what is refused here costs the least (a status
-        # set and returned: no exception, nothing serialized).
-        if shedder.share and shedder.refuse():
-            return _turned_away(context, begin, unavailable, SHED_DETAILS)
-        remaining = context.time_remaining()
-        if remaining is not None:
-            if remaining <= min_remaining:
-                shedder.late += 1
-                return _turned_away(context, begin, late, LATE_DETAILS)
-            if remaining > budget.estimate:
-                budget.estimate = budget.seen = remaining
-            elif remaining > budget.seen:
-                budget.seen = remaining
-            elif shedder.saturated and budget.estimate - remaining > target and budget.worth_shedding:
-                shedder.shed += 1  # it waited longer than tolerated while the server is saturated
-                return _turned_away(context, begin, unavailable, SHED_DETAILS)
+        # Admission first, before any parsing: what is refused here costs the least.
+        refused = admit(context)
+        if refused is not None:
+            return _turned_away(context, begin, refused)
         if parse is not None:
             try:
                 request = parse(request)

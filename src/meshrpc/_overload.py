@@ -32,6 +32,10 @@ import asyncio
 import collections
 import random
 import time
+from collections.abc import Callable
+from typing import Any
+
+import grpc
 
 TICK = 0.01  # seconds between samples of the loop's lateness
 WINDOW = 3  # samples whose smallest must exceed the target: a standing queue, not one slow callback
@@ -47,6 +51,9 @@ WORTH_SHEDDING = 0.0005
 
 SHED_DETAILS = "the server is overloaded: refused before the handler ran, safe to retry on another replica"
 LATE_DETAILS = "the call's deadline passed while it waited for the server: its handler was not started"
+Refusal = tuple[grpc.StatusCode, str]
+SHED: Refusal = (grpc.StatusCode.UNAVAILABLE, SHED_DETAILS)
+LATE: Refusal = (grpc.StatusCode.DEADLINE_EXCEEDED, LATE_DETAILS)
 
 
 class LoadShedder:
@@ -83,11 +90,33 @@ class LoadShedder:
         self.saturated = False  # the loop thread was busy nearly all of the last ticks
         self.budgets: list[Budget] = []  # one per method, rotated by the sampler
 
-    def budget(self) -> Budget:
-        """A method's own estimate of its callers' timeout."""
+    def admission(self, min_remaining: float) -> tuple[Callable[[Any], Refusal | None], Budget]:
+        """One method's admission check: ``admit(context)`` is None for a call to serve, else
+        the refusal to answer it with; and the method's :class:`Budget`, which the wrapper
+        tells what its handler took while saturated."""
         budget = Budget()
         self.budgets.append(budget)
-        return budget
+        target = self.target if self.target is not None else float("inf")
+
+        def admit(context: Any) -> Refusal | None:
+            if self.share and self.refuse():  # the event loop's own queue is too long
+                return SHED
+            remaining = context.time_remaining()
+            if remaining is None:
+                return None
+            if remaining <= min_remaining:
+                self.late += 1
+                return LATE
+            if remaining > budget.estimate:
+                budget.estimate = budget.seen = remaining
+            elif remaining > budget.seen:
+                budget.seen = remaining
+            elif self.saturated and budget.estimate - remaining > target and budget.worth_shedding:
+                self.shed += 1  # it waited longer than tolerated, in grpc's queue, while saturated
+                return SHED
+            return None
+
+        return admit, budget
 
     def refuse(self) -> bool:
         """Whether to refuse the call at hand (counted when true)."""
