@@ -172,14 +172,15 @@ def figure(c: float, results: list[dict[str, Any]], path: Path, command: str) ->
     for result, style in zip(results, ("o-", "s--", "^:"), strict=False):
         goodput = [run["ok"] / run["seconds"] / c for run in result["phases"][:3]]
         ax.plot(offered, goodput, style, label=result["kind"])
-    ax.plot([0, 3], [0, 1], color="#bbbbbb", linewidth=0.8)
-    ax.axhline(1.0, color="#bbbbbb", linewidth=0.8, linestyle=":")
+    ax.plot([0, 1, 3.2], [0, 1, 1], color="#bbbbbb", linewidth=0.8, label="ideal: all of the offered load, up to C")
     ax.set_xlabel("offered load (multiples of capacity C)")
     ax.set_ylabel("goodput: OK calls within 200 ms, / C")
     ax.set_xlim(0, 3.2)
     ax.set_ylim(0, 1.1)
     ax.legend(fontsize=8, frameon=False, loc="lower left")
-    ax.set_title(f"past capacity (C = {c:g}/s, a {results[0].get('burn_ms', 1):g} ms CPU handler)", fontsize=9, loc="left")
+    ax.set_title(
+        f"past capacity (C = {c:g}/s, a {results[0].get('burn_ms', 1):g} ms CPU handler)", fontsize=9, loc="left"
+    )
     fig.text(0.01, 0.005, f"made by: {command}", fontsize=7, color="#555555")
     fig.tight_layout(rect=(0, 0.04, 1, 1))
     fig.savefig(path, format="svg", metadata={"Date": None})
