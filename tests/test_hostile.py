@@ -286,7 +286,7 @@ def test_a_stubborn_handler_is_named_and_the_exit_fits_the_pods_grace_period() -
             stuck.cancel()
     log = served.log
     budget = meshrpc.Config(**settings).exit_budget
-    assert took < budget, (took, budget)
+    assert took < budget + 0.5, (took, budget)  # the watchdog's bound, with the signal's delivery
     assert "/echo.Echo/Unary" in log.split("abandoned")[-1], log  # the RPC by name, not a coroutine's repr
     assert "cython" not in log
     assert code == 1
@@ -295,7 +295,8 @@ def test_a_stubborn_handler_is_named_and_the_exit_fits_the_pods_grace_period() -
     out = meshrpc_cli("routes", ECHO, "--drain-delay", "0", "--grace", "0.5", env={"MESHRPC_SHUTDOWN_TIMEOUT": "0.5"})
     assert out.returncode == 0, out.stderr
     deployment = next(d for d in yaml.safe_load_all(out.stdout) if d and d["kind"] == "Deployment")
-    assert deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] > budget
+    grace_period = deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+    assert grace_period >= budget + 1 and took < grace_period  # the process ended, and logged it, before the SIGKILL
 
 
 def test_the_default_grace_period_outlasts_the_watchdog() -> None:
