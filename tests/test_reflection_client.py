@@ -121,3 +121,12 @@ def test_tls(pki: Path) -> None:  # noqa: F811
         assert json.loads(ok.stdout) == {"message": "Hello, T!"}
         plaintext = meshrpc(*call, "--connect-timeout", "1")
         assert plaintext.returncode == 2
+
+
+def test_a_server_without_reflection_is_said_so() -> None:
+    with Served(GREETER, "--drain-delay", "0", "--no-reflection") as served:
+        served.wait_serving()
+        for args in (("list", served.target), ("call", served.target, "helloworld.Greeter/SayHello")):
+            result = meshrpc(*args)
+            assert result.returncode == 2, result.stderr
+            assert "does not answer server reflection: UNIMPLEMENTED" in result.stderr

@@ -239,17 +239,12 @@ def _client(ns: argparse.Namespace) -> int:
         print(f"{PROG} {ns.command}: {exc}", file=sys.stderr)
         return 2
     except grpc.RpcError as exc:  # reflection itself failed (a server without it)
+        code: Any = exc
         print(
-            f"{PROG} {ns.command}: {ns.target}: reflection failed: {client.error_report(exc, reflected_pool())}",
+            f"{PROG} {ns.command}: {ns.target}: server reflection failed: {code.code().name}: {code.details()}",
             file=sys.stderr,
         )
         return 2
-
-
-def reflected_pool() -> Any:
-    from google.protobuf import descriptor_pool
-
-    return descriptor_pool.Default()
 
 
 def _parse(argv: Sequence[str]) -> argparse.Namespace:

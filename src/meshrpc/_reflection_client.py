@@ -80,6 +80,8 @@ class Reflected:
     def service(self, name: str) -> descriptor.ServiceDescriptor:
         try:
             return self.pool.FindServiceByName(name)
+        except grpc.RpcError as exc:
+            raise ClientError(f"{self.target} does not answer server reflection: {_status_line(exc)}") from None
         except KeyError:
             raise ClientError(f"{self.target} has no service {name!r}; it has: {', '.join(self.services())}") from None
 
@@ -103,6 +105,8 @@ class Reflected:
             try:
                 found: descriptor.DescriptorBase = find(name)
                 return found
+            except grpc.RpcError as exc:
+                raise ClientError(f"{self.target} does not answer server reflection: {_status_line(exc)}") from None
             except KeyError:
                 continue
         service, _, method = name.rpartition(".")
