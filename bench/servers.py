@@ -189,8 +189,19 @@ async def meshrpc_traced(port: int) -> None:
 
     tracing_sdk()
     # As `meshrpc serve` runs it: meshrpc owns the loop and handles SIGTERM.
-    config = app.config.replace(host="127.0.0.1", port=port, mesh="none", drain_delay=0.0, log_level="warning")
+    base = {"host": "127.0.0.1", "port": port, "mesh": "none", "drain_delay": 0.0, "log_level": "warning"}
+    config = app.config.replace(**{**base, **_env()})
     await app.serve(config, install_signal_handlers=True)
+
+
+def _env() -> dict[str, Any]:
+    """MESHRPC_* settings from the environment, as `meshrpc serve` applies them (bench/instructions.py
+    turns overload shedding off: under valgrind every call is 50 times slower and looks queued)."""
+    import os
+
+    from meshrpc._config import from_env
+
+    return from_env(os.environ)
 
 
 def log_to_devnull() -> None:
@@ -206,15 +217,17 @@ async def meshrpc_production(port: int) -> None:
 
     production_sdk()
     log_to_devnull()
-    config = app.config.replace(
-        host="127.0.0.1",
-        port=port,
-        mesh="none",
-        drain_delay=0.0,
-        log_level="info",
-        access_log="json",
-        access_log_sample_rate=0.01,
-    )
+    settings = {
+        "host": "127.0.0.1",
+        "port": port,
+        "mesh": "none",
+        "drain_delay": 0.0,
+        "access_log": "json",
+        "access_log_sample_rate": 0.01,
+        **_env(),
+        "log_level": "info",  # the access log is written (to /dev/null), as in a cluster
+    }
+    config = app.config.replace(**settings)
     await app.serve(config, install_signal_handlers=True)
 
 
@@ -226,7 +239,8 @@ async def meshrpc_middleware(port: int) -> None:
         await call_next(call)
 
     app = meshrpc.App("greeter", services=[Greeter()], middleware=[nothing])
-    config = app.config.replace(host="127.0.0.1", port=port, mesh="none", drain_delay=0.0, log_level="warning")
+    base = {"host": "127.0.0.1", "port": port, "mesh": "none", "drain_delay": 0.0, "log_level": "warning"}
+    config = app.config.replace(**{**base, **_env()})
     await app.serve(config, install_signal_handlers=True)
 
 

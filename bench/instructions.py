@@ -1,0 +1,151 @@
+"""Instructions per RPC, counted by callgrind: a per-RPC figure the machine's noise cannot move.
+
+    python bench/instructions.py [--calls 400] [--repeat 2] [CONTENDER ...]
+
+Each contender (bench/servers.py's, and `meshrpc serve bench.app:app` for the defaults)
+runs under ``valgrind --tool=callgrind``. A fixed client (one connection, one call at a
+time, from a process of its own, not counted) sends warm-up calls, the server's counters
+are zeroed (``callgrind_control --zero``), then ``--calls`` unary SayHello calls are sent
+and the counters dumped: the server's instructions for exactly those calls, every thread
+included. The figure is extra instructions per RPC over raw grpc.aio, not a ratio:
+callgrind does not see the kernel, which is a large share of raw's CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+BIN = Path(sys.executable).parent
+WARMUP = 200
+
+CONTENDERS = {
+    "raw": [sys.executable, "-m", "bench.servers", "raw", "{port}"],
+    "defaults": [str(BIN / "meshrpc"), "serve", "bench.app:app", "--host", "127.0.0.1", "--port", "{port}"],
+    "middleware": [sys.executable, "-m", "bench.servers", "meshrpc-middleware", "{port}"],
+    "production": [sys.executable, "-m", "bench.servers", "meshrpc-production", "{port}"],
+    "tracing": [sys.executable, "-m", "bench.servers", "meshrpc-traced", "{port}"],
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _calls(port: int, count: int) -> None:
+    """``count`` unary calls, one at a time, from a process that callgrind does not count."""
+    code = (
+        "import grpc, sys\n"
+        "from examples._generated.helloworld import helloworld_pb2 as p, helloworld_pb2_grpc as g\n"
+        f"channel = grpc.insecure_channel('127.0.0.1:{port}')\n"
+        "stub = g.GreeterStub(channel)\n"
+        f"for _ in range({count}):\n"
+        "    stub.SayHello(p.HelloRequest(name='bench'), timeout=30)\n"
+    )
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=600)
+
+
+def _wait_ready(port: int, proc: subprocess.Popen[bytes], timeout: float = 180.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the server exited with {proc.returncode}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return
+        except OSError:
+            time.sleep(0.2)
+    raise RuntimeError("the server did not start under valgrind")
+
+
+def instructions_per_call(contender: str, calls: int) -> float:
+    """The server's instructions per unary call, warm, counted by callgrind."""
+    port = free_port()
+    command = [part.replace("{port}", str(port)) for part in CONTENDERS[contender]]
+    # Shedding off: under valgrind everything runs some 50 times slower, so even one call at a
+    # time looks queued to the overload check; the check itself still runs on every call.
+    env = {
+        **os.environ,
+        "MESHRPC_MESH": "none",
+        "MESHRPC_LOG_LEVEL": "warning",
+        "MESHRPC_OVERLOAD_TARGET_DELAY": "off",
+        "PYTHONPATH": str(ROOT),
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "callgrind.out"
+        proc = subprocess.Popen(
+            ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}.%p", "--dump-instr=no", *command],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            _wait_ready(port, proc)
+            _calls(port, WARMUP)
+            subprocess.run(["callgrind_control", "--zero", str(proc.pid)], check=True, capture_output=True)
+            _calls(port, calls)
+            subprocess.run(["callgrind_control", "--dump", str(proc.pid)], check=True, capture_output=True)
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(120)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        # The dump asked for after the calls says "Trigger: dump"; the one written at exit
+        # ("Program termination") holds the shutdown.
+        for dump in Path(tmp).glob("callgrind.out.*"):
+            text = dump.read_text(errors="replace")
+            if re.search(r"^desc: Trigger: dump", text, re.M):
+                return _total(text) / calls
+        raise RuntimeError("callgrind wrote no dump for the counted calls")
+
+
+def _total(text: str) -> int:
+    found = re.search(r"^summary:\s+(\d+)", text, re.M)
+    if found is None:
+        raise RuntimeError("no totals in the callgrind dump")
+    return int(found.group(1))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("contenders", nargs="*", default=list(CONTENDERS), help=f"of {', '.join(CONTENDERS)}")
+    parser.add_argument("--calls", type=int, default=400, help="calls counted per run (default 400)")
+    parser.add_argument("--repeat", type=int, default=2, help="runs per contender (default 2)")
+    args = parser.parse_args()
+    unknown = [c for c in args.contenders if c not in CONTENDERS]
+    if unknown:
+        parser.error(f"unknown contender(s) {', '.join(unknown)}; choose from {', '.join(CONTENDERS)}")
+    names = ["raw", *[c for c in args.contenders if c != "raw"]]
+    runs: dict[str, list[float]] = {name: [] for name in names}
+    for _ in range(args.repeat):
+        for name in names:  # alternated, so both runs of each see the same machine
+            runs[name].append(instructions_per_call(name, args.calls))
+            print(f"{name}: {runs[name][-1]:,.0f} instructions per call", flush=True)
+    raw = statistics.median(runs["raw"])
+    print(f"\n{args.calls} unary calls counted per run, {args.repeat} runs each; median, and spread of the runs")
+    print("| contender | instructions per RPC | over raw grpc.aio | spread |")
+    print("|---|---|---|---|")
+    for name in names:
+        value = statistics.median(runs[name])
+        spread = (max(runs[name]) - min(runs[name])) / value * 100 if value else 0.0
+        print(f"| {name} | {value:,.0f} | {value - raw:+,.0f} ({(value - raw) / raw * 100:+.1f} %) | {spread:.1f} % |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,25 @@
+"""A per-RPC regression guard that does not depend on time: instructions counted by callgrind.
+
+Wall-clock benchmarks on these machines move by 20 % from run to run; callgrind's count of
+the server's instructions for a fixed number of calls repeats within about 1 % (0.1-0.6 %
+between two runs here). The budgets are today's figures with room for that noise: a change
+that makes every RPC cost more fails here, on any machine, however busy.
+"""
+
+from __future__ import annotations
+
+from bench.instructions import instructions_per_call
+
+# Over raw grpc.aio, as a share of raw's instructions per unary call (docs/performance.md):
+# the defaults measured -0.8 %, the production profile +33.5 %.
+DEFAULTS_BUDGET = 0.03
+PRODUCTION_BUDGET = 0.40
+
+
+def test_per_rpc_instructions_stay_within_their_budgets() -> None:
+    raw = instructions_per_call("raw", 200)
+    assert raw > 100_000  # the count is real: a unary call through grpc.aio is some 500k instructions
+    defaults = (instructions_per_call("defaults", 200) - raw) / raw
+    assert defaults <= DEFAULTS_BUDGET, f"meshrpc's defaults cost {defaults:+.1%} of raw's instructions per RPC"
+    production = (instructions_per_call("production", 200) - raw) / raw
+    assert production <= PRODUCTION_BUDGET, f"the production profile costs {production:+.1%} over raw per RPC"
