@@ -11,12 +11,16 @@ Two signals, because the queue has two places.  Calls accepted by grpc.aio wait 
 tasks on the event loop; every ``TICK`` a sampler measures how late the loop runs a
 timer, and that is their queueing delay.  Calls not yet accepted wait inside grpc's
 core, where Python cannot see them, while the loop looks punctual: there the signal is
-the loop thread's own CPU (saturated: busy nearly all of the last ticks) together with
 each call's deadline.  Callers of a method mostly use one timeout, so the largest time
 remaining seen at the start of its calls lately estimates that timeout, and what a call
-has less than that is how long it waited.  While the loop is saturated, a call that
-waited longer than ``target`` is refused: the queue stays short, so the calls that are
-served are served soon after they arrive, not just before their deadline.
+has less than that is how long it waited.  When even the shortest wait of the last
+``INTERVAL`` was longer than ``target`` (a standing queue, CoDel's test again), the server
+is saturated, and a call that waited longer than ``target`` is refused: the queue stays
+short, so the calls that are served are served soon after they arrive, not just before
+their deadline.  The process's CPU is a second, steadier sign: busy at least 95 % of every
+tick of the window (off again once clearly idle) also means saturated; but under a CPU
+limit (a pod's CFS quota) a saturated process never looks busy for a whole core, so the
+waits alone suffice.
 
 Every ``TICK`` a sampler task measures the loop's lateness.  When the smallest of the last
 few samples is above ``target`` (a standing queue, not a burst: CoDel's test), the
@@ -42,8 +46,9 @@ WINDOW = 3  # samples whose smallest must exceed the target: a standing queue, n
 STEP = 0.05  # added to the refused share per tick over the target
 DECAY = 0.7  # the refused share is multiplied by this per tick under the target
 MAX_SHARE = 0.98  # some calls always get through: they measure whether the overload is over
-BUSY = 0.95  # the loop thread's share of CPU, every tick of the window, that makes it saturated
-IDLE = 0.75  # ... and below which, every tick of the window, it is no longer
+INTERVAL = 10  # ticks over which the shortest wait of a call decides whether the server is saturated
+BUSY = 0.95  # the process's share of a core, every tick of the window, that also means saturated
+IDLE = 0.75  # ... and below which, every tick of the window, it no longer does
 BUDGET_WINDOW = 5.0  # seconds a method's largest time remaining is remembered for
 # A handler that takes less than this costs about what refusing its call does (grpc.aio's
 # accept and answer, measured here at 0.15-0.25 ms): shedding its calls saves nothing.
@@ -65,12 +70,14 @@ class LoadShedder:
 
     __slots__ = (
         "_busy",
+        "_cpu_saturated",
         "_samples",
         "_task",
         "budgets",
         "delay",
         "late",
         "min_remaining",
+        "min_wait",
         "saturated",
         "share",
         "shed",
@@ -85,9 +92,11 @@ class LoadShedder:
         self.shed = 0  # calls refused for overload
         self.late = 0  # calls refused because their deadline would pass before the handler
         self._samples: collections.deque[float] = collections.deque(maxlen=WINDOW)
+        self.min_wait = float("inf")  # the shortest wait of a call with a deadline since the last interval
         self._busy: collections.deque[float] = collections.deque(maxlen=WINDOW)
+        self._cpu_saturated = False
         self._task: asyncio.Task[None] | None = None
-        self.saturated = False  # the loop thread was busy nearly all of the last ticks
+        self.saturated = False  # every call of the last interval waited longer than the target
         self.budgets: list[Budget] = []  # one per method, rotated by the sampler
 
     def admission(self, min_remaining: float) -> tuple[Callable[[Any], Refusal | None], Budget]:
@@ -109,9 +118,14 @@ class LoadShedder:
                 return LATE
             if remaining > budget.estimate:
                 budget.estimate = budget.seen = remaining
-            elif remaining > budget.seen:
+                self.min_wait = 0.0
+                return None
+            if remaining > budget.seen:
                 budget.seen = remaining
-            elif self.saturated and budget.estimate - remaining > target and budget.worth_shedding:
+            wait = budget.estimate - remaining
+            if wait < self.min_wait:
+                self.min_wait = wait
+            if self.saturated and wait > target and budget.worth_shedding:
                 self.shed += 1  # it waited longer than tolerated, in grpc's queue, while saturated
                 return SHED
             return None
@@ -141,6 +155,7 @@ class LoadShedder:
         target = self.target
         assert target is not None
         rotated = loop.time()
+        ticks, waited_too_long = 0, False
         while True:
             # The process's CPU, not only the loop thread's: 'def' handlers burn theirs in the
             # pool's threads, and the GIL makes one core the limit for both.
@@ -148,11 +163,18 @@ class LoadShedder:
             await asyncio.sleep(TICK)
             after = loop.time()
             self._busy.append((time.process_time() - cpu) / max(after - before, 1e-6))
-            if len(self._busy) == WINDOW:  # on when busy throughout, off only once clearly idle
+            if len(self._busy) == WINDOW:
                 if min(self._busy) >= BUSY:
-                    self.saturated = True
+                    self._cpu_saturated = True
                 elif max(self._busy) < IDLE:
-                    self.saturated = False
+                    self._cpu_saturated = False
+            ticks += 1
+            if ticks % INTERVAL == 0:
+                # Even the shortest wait of the interval was too long; not when no call with
+                # a deadline came (the loop's own queue covers those).
+                waited_too_long = target < self.min_wait < float("inf")
+                self.min_wait = float("inf")
+            self.saturated = self._cpu_saturated or waited_too_long
             self.observe(max(0.0, after - before - TICK), target)
             if after - rotated >= BUDGET_WINDOW and not self.saturated:
                 # Not while saturated: every call then waits, and the estimate would shrink to match.
