@@ -252,9 +252,14 @@ def floor_lines(cpu_ratio: dict[str, float], base_cpu: float, loop_floor: float 
     for meshrpc, floor in (("meshrpc + tracing", "raw + SDK floor"), ("meshrpc production", "raw + prod. floor")):
         if meshrpc in cpu_ratio and floor in cpu_ratio:
             over, floor_over = (cpu_ratio[meshrpc] - 1) * base_cpu, (cpu_ratio[floor] - 1) * base_cpu
+            # A short run's CPU figures come in coarse steps: the floor may measure no cost at all.
+            against = (
+                f"{over / floor_over:.2f}x the SDK's own floor under the same load"
+                if floor_over > 0
+                else "the SDK's own floor measured no cost over raw in this run"
+            )
             lines.append(
-                f"{meshrpc}: {over:.1f} us CPU per RPC over raw grpc.aio, {over / floor_over:.2f}x the SDK's own "
-                f"floor under the same load ({floor}: {floor_over:.1f} us)."
+                f"{meshrpc}: {over:.1f} us CPU per RPC over raw grpc.aio, {against} ({floor}: {floor_over:.1f} us)."
             )
     if loop_floor is not None:
         lines.append(

@@ -118,7 +118,7 @@ def _serve_default_host(env: dict[str, str]) -> str:
     lines = []
     for line in proc.stderr:
         lines.append(line)
-        if "serving app" in line:
+        if "readiness SERVING" in line:  # after the address lines
             break
     proc.send_signal(signal.SIGTERM)
     _, rest = proc.communicate(timeout=15)
