@@ -80,7 +80,8 @@ def test_lifecycle_recording_reads_the_phases_of_a_real_drain() -> None:
     record = record_lifecycle(drain_delay=0.3, grace=2.0, slow=0.8)
     t0, goaway, stopped = record["t0"], record["goaway"], record["stopped"]
     assert t0 is not None and goaway is not None and stopped is not None
-    assert t0 < goaway < stopped and abs(goaway - t0 - 0.3) < 0.2  # GOAWAY after the drain delay
+    # GOAWAY after the drain delay; the server may stop in the same millisecond when nothing is left in flight
+    assert t0 < goaway <= stopped and abs(goaway - t0 - 0.3) < 0.2
     start, end = record["slow_call"]
     assert start < t0 < end <= stopped + 0.1  # the slow RPC was in flight across SIGTERM and finished
     readiness = [sample[1] for sample in record["samples"]]
