@@ -78,7 +78,6 @@ async def bind(app: App, config: Config, mesh: _mesh.MeshInfo) -> Assembly:
     inflight = InFlight(
         config.max_concurrent_rpcs,
         shedder=LoadShedder(config.overload_target_delay, config.min_time_remaining),
-        min_remaining=config.min_time_remaining,
     )
     assembly = Assembly(server=server, port=port, inflight=inflight)
     await _setup_telemetry(assembly, app, config)

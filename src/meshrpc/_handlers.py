@@ -31,23 +31,20 @@ Handler = Callable[..., Any]
 
 class InFlight:
     """Admission for the app's own services: the RPCs being served, an optional limit on
-    them, the overload shedder, and how much time a call must have left to be started.
+    them, and the overload shedder (which also knows how much time a call must have left).
 
     The limit is meshrpc's rather than grpc core's ``maximum_concurrent_rpcs``, which
     counts every RPC: with it, slow calls could make the health service answer
     RESOURCE_EXHAUSTED and a liveness probe restart a healthy pod.
     """
 
-    __slots__ = ("cancelled", "count", "limit", "min_remaining", "shedder")
+    __slots__ = ("cancelled", "count", "limit", "shedder")
 
-    def __init__(
-        self, limit: int | None = None, *, shedder: LoadShedder | None = None, min_remaining: float = -1.0
-    ) -> None:
+    def __init__(self, limit: int | None = None, *, shedder: LoadShedder | None = None) -> None:
         self.count = 0
         self.limit = limit if limit is not None else 1 << 62
         self.cancelled = 0  # cancelled handlers since the last reset (the drain counts them)
         self.shedder = shedder if shedder is not None else LoadShedder(None)
-        self.min_remaining = min_remaining  # seconds; a call with no more left is not started (-1: every call is)
 
 
 class _Malformed:
@@ -170,7 +167,7 @@ def _single_reply(outer: _Outer, impl: Handler) -> Handler:
     enter, invalid = current_rpc.set, grpc.StatusCode.INVALID_ARGUMENT
     abort_error, cancelled_error = grpc.aio.AbortError, asyncio.CancelledError
     shedder = inflight.shedder
-    admit, budget = shedder.admission(inflight.min_remaining)
+    admit, budget = shedder.admission()
 
     async def replying(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         enter(context)
@@ -228,7 +225,7 @@ def _iterated_stream(outer: _Outer, impl: Handler) -> Handler:
     enter, invalid = current_rpc.set, grpc.StatusCode.INVALID_ARGUMENT
     abort_error, cancelled_error = grpc.aio.AbortError, asyncio.CancelledError
     shedder = inflight.shedder
-    admit, budget = shedder.admission(inflight.min_remaining)
+    admit, budget = shedder.admission()
 
     async def streaming(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
         enter(context)
@@ -287,7 +284,7 @@ def _delegated_stream(outer: _Outer, impl: Handler) -> Handler:
     enter, invalid = current_rpc.set, grpc.StatusCode.INVALID_ARGUMENT
     abort_error, cancelled_error = grpc.aio.AbortError, asyncio.CancelledError
     shedder = inflight.shedder
-    admit, budget = shedder.admission(inflight.min_remaining)
+    admit, budget = shedder.admission()
 
     async def writing(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
         enter(context)

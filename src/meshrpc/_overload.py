@@ -99,13 +99,14 @@ class LoadShedder:
         self.saturated = False  # every call of the last interval waited longer than the target
         self.budgets: list[Budget] = []  # one per method, rotated by the sampler
 
-    def admission(self, min_remaining: float) -> tuple[Callable[[Any], Refusal | None], Budget]:
+    def admission(self) -> tuple[Callable[[Any], Refusal | None], Budget]:
         """One method's admission check: ``admit(context)`` is None for a call to serve, else
         the refusal to answer it with; and the method's :class:`Budget`, which the wrapper
         tells what its handler took while saturated."""
         budget = Budget()
         self.budgets.append(budget)
         target = self.target if self.target is not None else float("inf")
+        min_remaining = self.min_remaining
 
         def admit(context: Any) -> Refusal | None:
             if self.share and self.refuse():  # the event loop's own queue is too long
