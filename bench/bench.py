@@ -282,29 +282,11 @@ def machine() -> str:
     return f"{os.cpu_count()} cores, {model}, Python {sys.version.split()[0]}, grpcio {grpc.__version__}"
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[1] if __doc__ else None)
-    # Short rounds overstate the telemetry contenders: the SDK's batch processor and the
-    # garbage collector settle over the first tens of thousands of spans.
-    parser.add_argument("--requests", type=int, default=30_000, help="calls per round (default 30000)")
-    # An even count: each contender runs as often before raw as after it.
-    parser.add_argument("--rounds", type=int, default=4, help="rounds per contender, alternating (default 4)")
-    parser.add_argument("--clients", type=int, default=4, help="h2load connections (default 4)")
-    parser.add_argument("--streams", type=int, default=32, help="concurrent streams per connection (default 32)")
-    parser.add_argument("--only", help="comma-separated contender names to run (default: all)")
-    parser.add_argument("--workload", choices=["unary", "stream", "both"], default="both")
-    parser.add_argument("--write-doc", type=Path, help="also write the tables into this Markdown file")
-    args = parser.parse_args(argv)
-    if not shutil.which("h2load"):
-        raise SystemExit("h2load not found: apt-get install nghttp2-client")
-
-    field = contenders(0xDEAD)
-    if args.only:
-        wanted = {n.strip() for n in args.only.split(",")}
-        field = [c for c in field if c.name in wanted or c is field[0]]
-    workloads = {"unary": WORKLOADS[:1], "stream": WORKLOADS[1:], "both": WORKLOADS}[args.workload]
-    floor = sdk_floor() if any(c.name == "meshrpc + tracing" for c in field) else None
-    tables = []
+def run_all(
+    field: list[Contender], workloads: list[Workload], args: argparse.Namespace, floor: float | None
+) -> tuple[list[str], list[tuple[str, list[tuple[str, float, float]]]]]:
+    """Every round of every workload; the tables and the figure's ratios."""
+    tables: list[str] = []
     charts: list[tuple[str, list[tuple[str, float, float]]]] = []
     for workload in workloads:
         with tempfile.NamedTemporaryFile(suffix=".grpc", delete=False) as body:
@@ -354,6 +336,32 @@ def main(argv: list[str] | None = None) -> int:
         lines += floor_lines(cpu_ratio, base_cpu, floor)
         tables.append("\n".join(lines))
         charts.append((workload.name, ratios))
+    return tables, charts
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[1] if __doc__ else None)
+    # Short rounds overstate the telemetry contenders: the SDK's batch processor and the
+    # garbage collector settle over the first tens of thousands of spans.
+    parser.add_argument("--requests", type=int, default=30_000, help="calls per round (default 30000)")
+    # An even count: each contender runs as often before raw as after it.
+    parser.add_argument("--rounds", type=int, default=4, help="rounds per contender, alternating (default 4)")
+    parser.add_argument("--clients", type=int, default=4, help="h2load connections (default 4)")
+    parser.add_argument("--streams", type=int, default=32, help="concurrent streams per connection (default 32)")
+    parser.add_argument("--only", help="comma-separated contender names to run (default: all)")
+    parser.add_argument("--workload", choices=["unary", "stream", "both"], default="both")
+    parser.add_argument("--write-doc", type=Path, help="also write the tables into this Markdown file")
+    args = parser.parse_args(argv)
+    if not shutil.which("h2load"):
+        raise SystemExit("h2load not found: apt-get install nghttp2-client")
+
+    field = contenders(0xDEAD)
+    if args.only:
+        wanted = {n.strip() for n in args.only.split(",")}
+        field = [c for c in field if c.name in wanted or c is field[0]]
+    workloads = {"unary": WORKLOADS[:1], "stream": WORKLOADS[1:], "both": WORKLOADS}[args.workload]
+    floor = sdk_floor() if any(c.name == "meshrpc + tracing" for c in field) else None
+    tables, charts = run_all(field, workloads, args, floor)
     report = "\n\n".join(tables)
     print(report)
     if args.write_doc:

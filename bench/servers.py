@@ -9,8 +9,9 @@ raw-sdk-floor     raw grpc.aio whose handlers do, inline, the least tracing work
                   and a duration histogram
 meshrpc-traced    meshrpc with every RPC traced into a batch processor and a no-op exporter
 meshrpc-middleware  meshrpc with one no-op middleware (what the middleware chain costs)
-meshrpc-production  meshrpc as a cluster runs it: metrics always on (periodic reader), traces
-                  sampled ParentBased(TraceIdRatio 0.1), a JSON access log sampled at 1 %
+meshrpc-production  meshrpc as a cluster runs it: the SDK set up by meshrpc from OTEL_* (otel_sdk),
+                  metrics always on (periodic reader), traces sampled ParentBased(TraceIdRatio
+                  0.1), both exported to nowhere; a JSON access log sampled at 1 %
 grpclib           grpclib with its own health and reflection services
 
 (meshrpc with defaults is run as a user runs it: ``meshrpc serve``.)
@@ -22,11 +23,16 @@ import asyncio
 import signal
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import grpc
+from opentelemetry.sdk.metrics.export import MetricExporter, MetricExportResult
+from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 
 from examples._generated.helloworld import helloworld_pb2, helloworld_pb2_grpc
+
+PLUGINS = Path(__file__).resolve().parent / "plugins"
 
 
 def tracing_sdk() -> None:
@@ -45,28 +51,48 @@ def tracing_sdk() -> None:
     trace.set_tracer_provider(provider)
 
 
+class NoOpSpans(SpanExporter):
+    """Spans exported to nowhere: the exporter's own cost (network, encoding) is not meshrpc's."""
+
+    def export(self, spans: Sequence[Any]) -> SpanExportResult:
+        return SpanExportResult.SUCCESS
+
+
+class NoOpMetrics(MetricExporter):
+    def __init__(self) -> None:
+        super().__init__()
+
+    def export(self, metrics_data: Any, timeout_millis: float = 10_000, **kwargs: Any) -> MetricExportResult:
+        return MetricExportResult.SUCCESS
+
+    def force_flush(self, timeout_millis: float = 10_000) -> bool:
+        return True
+
+    def shutdown(self, timeout_millis: float = 30_000, **kwargs: Any) -> None:
+        pass
+
+
+# The production profile as OTEL_* variables: what `meshrpc serve` with otel_sdk reads in a
+# cluster.  `bench_noop` names the exporters above, registered as OpenTelemetry exporter
+# entry points by bench/plugins (on the production contender's PYTHONPATH), so meshrpc
+# finds them by name as it finds the OTLP exporters.
+PRODUCTION_OTEL = {
+    "OTEL_TRACES_SAMPLER": "parentbased_traceidratio",
+    "OTEL_TRACES_SAMPLER_ARG": "0.1",
+    "OTEL_TRACES_EXPORTER": "bench_noop",
+    "OTEL_METRICS_EXPORTER": "bench_noop",
+    "OTEL_METRIC_EXPORT_INTERVAL": "10000",
+}
+
+
 def production_sdk() -> None:
-    """Metrics with a periodic reader, 10 % of new traces, both exported to nowhere."""
+    """The same by hand: metrics with a periodic reader, 10 % of new traces, both exported to nowhere."""
     from opentelemetry import metrics, trace
     from opentelemetry.sdk.metrics import MeterProvider
-    from opentelemetry.sdk.metrics.export import MetricExporter, MetricExportResult, PeriodicExportingMetricReader
+    from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
     from opentelemetry.sdk.trace import TracerProvider
-    from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor
     from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
-
-    class NoOpSpans(SpanExporter):
-        def export(self, spans: Sequence[Any]) -> SpanExportResult:
-            return SpanExportResult.SUCCESS
-
-    class NoOpMetrics(MetricExporter):
-        def export(self, metrics_data: Any, timeout_millis: float = 10_000, **kwargs: Any) -> MetricExportResult:
-            return MetricExportResult.SUCCESS
-
-        def force_flush(self, timeout_millis: float = 10_000) -> bool:
-            return True
-
-        def shutdown(self, timeout_millis: float = 30_000, **kwargs: Any) -> None:
-            pass
 
     provider = TracerProvider(sampler=ParentBased(TraceIdRatioBased(0.1)))
     provider.add_span_processor(BatchSpanProcessor(NoOpSpans()))
@@ -213,9 +239,14 @@ def log_to_devnull() -> None:
 
 
 async def meshrpc_production(port: int) -> None:
+    import os
+
     from bench.app import app
 
-    production_sdk()
+    # meshrpc sets up the SDK from the OTEL_* variables (otel_sdk), as in a cluster; the
+    # exporters are found by name through bench/plugins' entry points.
+    os.environ.update({k: v for k, v in PRODUCTION_OTEL.items() if k not in os.environ})
+    sys.path.insert(0, str(PLUGINS))
     log_to_devnull()
     settings = {
         "host": "127.0.0.1",
@@ -224,6 +255,7 @@ async def meshrpc_production(port: int) -> None:
         "drain_delay": 0.0,
         "access_log": "json",
         "access_log_sample_rate": 0.01,
+        "otel_sdk": True,
         **_env(),
         "log_level": "info",  # the access log is written (to /dev/null), as in a cluster
     }

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 import grpc
 
 from . import _mesh, _metrics
+from ._aggregates import Aggregates
 from ._bind import check_bindable
 from ._config import Config, env_name
 from ._dispatch import MethodTable
@@ -55,6 +56,7 @@ class Assembly:
     pool: concurrent.futures.ThreadPoolExecutor | None = None
     names: tuple[str, ...] = ()
     observed: bool = False  # whether telemetry observes the RPCs (no SDK and no access log: not at all)
+    aggregates: Aggregates | None = None  # the histograms meshrpc aggregates itself (when it built the MeterProvider)
 
 
 async def bind(app: App, config: Config, mesh: _mesh.MeshInfo) -> Assembly:
@@ -86,7 +88,7 @@ async def bind(app: App, config: Config, mesh: _mesh.MeshInfo) -> Assembly:
 
 def register(assembly: Assembly, app: App, config: Config, health: Health) -> None:
     """Every method the server answers, in one table (after the lifespan: it may set up telemetry)."""
-    observe = _observer(config, assembly.port, assembly.inflight.shedder)
+    observe = _observer(config, assembly.port, assembly.inflight.shedder, assembly.aggregates)
     assembly.observed = observe is not None
     intercepted = bool(app.interceptors)
     assembly.pool = _thread_pool(app, config)
@@ -117,10 +119,14 @@ def register(assembly: Assembly, app: App, config: Config, health: Health) -> No
 
 async def _setup_telemetry(assembly: Assembly, app: App, config: Config) -> None:
     """The OpenTelemetry SDK (otel_sdk) and /metrics (metrics_port), before any handler is built."""
-    reader = _metrics.prometheus_reader() if config.metrics_port is not None else None
+    # The readers meshrpc builds carry its own histogram aggregates (see _aggregates).
+    aggregates = Aggregates()
+    reader = _metrics.prometheus_reader(aggregates) if config.metrics_port is not None else None
     if config.otel_sdk:
         # OTEL_* are the SDK's own standard variables; the SDK reads some of them itself.
-        assembly.telemetry_shutdown = configure_sdk(app.name, os.environ, [reader] if reader is not None else [])
+        extra = [reader] if reader is not None else []
+        assembly.telemetry_shutdown = configure_sdk(app.name, os.environ, aggregates, extra)
+        assembly.aggregates = aggregates
     elif reader is not None:
         if sdk_configured()[1]:
             logger.warning(
@@ -129,7 +135,8 @@ async def _setup_telemetry(assembly: Assembly, app: App, config: Config) -> None
                 "PrometheusMetricReader"
             )
         else:
-            assembly.telemetry_shutdown = _metrics.install_meter_provider(app.name, reader)
+            assembly.telemetry_shutdown = _metrics.install_meter_provider(app.name, reader, aggregates)
+            assembly.aggregates = aggregates
     if config.metrics_port is not None:
         host = config.host.strip("[]")
         endpoint = _metrics.MetricsEndpoint(host, config.metrics_port)
@@ -156,7 +163,7 @@ def grpc_options(config: Config, mesh: _mesh.MeshInfo) -> list[tuple[str, Any]]:
     return options
 
 
-def _observer(config: Config, port: int, shedder: LoadShedder) -> Observe | None:
+def _observer(config: Config, port: int, shedder: LoadShedder, aggregates: Aggregates | None) -> Observe | None:
     tracing, metering = sdk_configured() if config.telemetry else (False, False)
     telemetry = Telemetry(
         tracing=tracing,
@@ -166,6 +173,7 @@ def _observer(config: Config, port: int, shedder: LoadShedder) -> Observe | None
         server_address=config.host.strip("[]"),
         server_port=port or config.port,
         shedder=shedder,
+        aggregates=aggregates,
     )
     logger.debug("telemetry: tracing %s, metrics %s, access log %s", tracing, metering, config.access_log)
     if not telemetry.enabled:

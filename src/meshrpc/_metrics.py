@@ -15,6 +15,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
+from ._aggregates import Aggregates, with_aggregates
 from ._errors import BindError, ConfigError
 
 logger = logging.getLogger("meshrpc.telemetry")
@@ -25,16 +26,17 @@ MISSING_EXTRA = (
 )
 
 
-def prometheus_reader() -> Any:
-    """OpenTelemetry's Prometheus reader: metrics are read from the SDK when Prometheus scrapes."""
+def prometheus_reader(aggregates: Aggregates) -> Any:
+    """OpenTelemetry's Prometheus reader: metrics are read from the SDK when Prometheus scrapes,
+    with ``aggregates``' histograms added (Prometheus histograms are cumulative)."""
     try:
         from opentelemetry.exporter.prometheus import PrometheusMetricReader
     except ImportError:
         raise ConfigError(MISSING_EXTRA) from None
-    return PrometheusMetricReader()
+    return with_aggregates(PrometheusMetricReader, aggregates, delta=False)()
 
 
-def install_meter_provider(service_name: str, reader: Any) -> Callable[[], None]:
+def install_meter_provider(service_name: str, reader: Any, aggregates: Aggregates) -> Callable[[], None]:
     """A MeterProvider that feeds ``reader`` (when ``otel_sdk`` is off); return its shutdown."""
     try:
         from opentelemetry import metrics
@@ -43,7 +45,8 @@ def install_meter_provider(service_name: str, reader: Any) -> Callable[[], None]
         raise ConfigError(MISSING_EXTRA) from None
     from ._otel_setup import service_resource
 
-    provider = MeterProvider(resource=service_resource(service_name), metric_readers=[reader])
+    aggregates.resource = service_resource(service_name)
+    provider = MeterProvider(resource=aggregates.resource, metric_readers=[reader])
     metrics.set_meter_provider(provider)
     return provider.shutdown
 

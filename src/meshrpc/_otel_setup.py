@@ -12,26 +12,42 @@ import logging
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from ._aggregates import Aggregates, histogram_temporality_is_delta, with_aggregates
 from ._errors import ConfigError
 
 logger = logging.getLogger("meshrpc.telemetry")
 
 
-def _exporters(group: str, names: str) -> list[Any]:
+def _exporters(group: str, names: str, protocol: str) -> list[tuple[str, Any]]:
+    """The exporters named, as (name, exporter).
+
+    ``otlp`` is the OTLP exporter for ``protocol`` (OTEL_EXPORTER_OTLP_PROTOCOL: ``grpc``
+    or ``http/protobuf``), as the SDK's own configuration resolves it: the OTLP packages
+    register ``otlp_proto_grpc`` and ``otlp_proto_http``, and only the ``opentelemetry-exporter-otlp``
+    bundle registers ``otlp`` itself.
+    """
     from importlib.metadata import entry_points
 
     found = []
     for name in (n.strip() for n in names.split(",")):
         if not name or name == "none":
             continue
+        if name == "otlp":
+            name = "otlp_proto_http" if protocol.strip().lower() == "http/protobuf" else "otlp_proto_grpc"
         matches = list(entry_points(group=group, name=name))
         if not matches:
-            raise ConfigError(
-                f"OpenTelemetry exporter {name!r} ({group}) is not installed: "
-                "pip install opentelemetry-exporter-otlp-proto-grpc (the 'otel' extra)"
+            package = (
+                "opentelemetry-exporter-otlp-proto-http"
+                if name == "otlp_proto_http"
+                else "opentelemetry-exporter-otlp-proto-grpc (the 'otel' extra)"
             )
-        found.append(matches[0].load()())
+            raise ConfigError(f"OpenTelemetry exporter {name!r} ({group}) is not installed: pip install {package}")
+        found.append((name, matches[0].load()()))
     return found
+
+
+def _protocol(environ: Mapping[str, str], signal: str) -> str:
+    return environ.get(f"OTEL_EXPORTER_OTLP_{signal}_PROTOCOL") or environ.get("OTEL_EXPORTER_OTLP_PROTOCOL") or "grpc"
 
 
 def service_resource(service_name: str) -> Any:
@@ -46,12 +62,13 @@ def service_resource(service_name: str) -> Any:
 
 
 def configure_sdk(
-    service_name: str, environ: Mapping[str, str], extra_readers: Sequence[Any] = ()
+    service_name: str, environ: Mapping[str, str], aggregates: Aggregates, extra_readers: Sequence[Any] = ()
 ) -> Callable[[], None]:
     """Install tracer and meter providers; return the function that flushes and shuts them down.
 
     ``extra_readers`` join the OTLP ones on the one MeterProvider (the Prometheus reader
     of ``metrics_port``): the SDK cannot add a reader to a provider once it exists.
+    Every reader's collections carry ``aggregates``' histograms.
     """
     try:
         from opentelemetry import metrics, trace
@@ -68,12 +85,22 @@ def configure_sdk(
 
     resource = service_resource(service_name)
     tracer_provider = TracerProvider(resource=resource)  # sampler from OTEL_TRACES_SAMPLER
-    for exporter in _exporters("opentelemetry_traces_exporter", environ.get("OTEL_TRACES_EXPORTER", "otlp")):
+    for _, exporter in _exporters(
+        "opentelemetry_traces_exporter", environ.get("OTEL_TRACES_EXPORTER", "otlp"), _protocol(environ, "TRACES")
+    ):
         tracer_provider.add_span_processor(BatchSpanProcessor(exporter))
+    # OTLP exporters make histograms delta when OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE
+    # asks; the points meshrpc adds follow the same preference.
+    delta = histogram_temporality_is_delta(environ)
     readers = [
-        PeriodicExportingMetricReader(exporter)
-        for exporter in _exporters("opentelemetry_metrics_exporter", environ.get("OTEL_METRICS_EXPORTER", "otlp"))
+        with_aggregates(PeriodicExportingMetricReader, aggregates, delta=delta and name.startswith("otlp"))(exporter)
+        for name, exporter in _exporters(
+            "opentelemetry_metrics_exporter",
+            environ.get("OTEL_METRICS_EXPORTER", "otlp"),
+            _protocol(environ, "METRICS"),
+        )
     ]
+    aggregates.resource = resource
     meter_provider = MeterProvider(resource=resource, metric_readers=[*readers, *extra_readers])
     trace.set_tracer_provider(tracer_provider)
     metrics.set_meter_provider(meter_provider)

@@ -31,10 +31,12 @@ from opentelemetry import metrics, propagate, trace
 from opentelemetry.propagators.textmap import Getter
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
+from ._aggregates import Aggregates, Stream
 from ._errors import StatusError
 from ._failures import final_code
 from ._overload import LoadShedder
 from ._rpc_context import current_rpc, incoming_metadata, text_items
+from ._sampling import PreSampler
 from ._service import MethodSpec, RpcKind
 from ._version import __version__
 
@@ -86,6 +88,8 @@ class Telemetry:
     server_address: str
     server_port: int
     shedder: LoadShedder | None = None  # whose counters and gauges the metrics report
+    # The histograms' aggregates, when meshrpc built the MeterProvider (None: record through the SDK).
+    aggregates: Aggregates | None = None
 
     @property
     def enabled(self) -> bool:
@@ -98,7 +102,7 @@ _CODE_NUMBERS = {code: code.value[0] for code in grpc.StatusCode}
 
 
 class _Instruments:
-    def __init__(self, methods: dict[str, _Method], shedder: LoadShedder | None) -> None:
+    def __init__(self, methods: dict[str, _Method], shedder: LoadShedder | None, aggregates: Aggregates | None) -> None:
         meter = metrics.get_meter("meshrpc", __version__)
         if shedder is not None:
             # Plain counters kept by the shedder, read only when the SDK collects.
@@ -121,9 +125,12 @@ class _Instruments:
                 unit="ms",
                 description="How late the event loop ran a timer at the last sample: the queueing delay.",
             )
-        self.duration = meter.create_histogram(
-            "rpc.server.duration", unit="ms", description="Measures the duration of inbound RPC."
-        )
+        # The three histograms: aggregated by meshrpc and handed over when a reader
+        # collects, when meshrpc built the MeterProvider (see _aggregates); otherwise
+        # recorded through the SDK on every call.
+        self.aggregates = aggregates
+        make: Callable[..., Any] = aggregates.histogram if aggregates is not None else meter.create_histogram
+        self.duration = make("rpc.server.duration", unit="ms", description="Measures the duration of inbound RPC.")
         # RPCs in flight per method, counted in plain ints and read when the SDK collects:
         # two synchronous add() calls per RPC cost about a third of all per-RPC telemetry.
         self.methods = methods  # the server's, by path: each counts its own
@@ -133,10 +140,10 @@ class _Instruments:
             unit="{request}",
             description="RPCs being served now.",
         )
-        self.requests_per_rpc = meter.create_histogram(
+        self.requests_per_rpc = make(
             "rpc.server.requests_per_rpc", unit="{count}", description="Messages received per streaming RPC."
         )
-        self.responses_per_rpc = meter.create_histogram(
+        self.responses_per_rpc = make(
             "rpc.server.responses_per_rpc", unit="{count}", description="Messages sent per streaming RPC."
         )
 
@@ -148,6 +155,17 @@ class _Instruments:
 
     def _observe_active(self, options: metrics.CallbackOptions) -> list[metrics.Observation]:
         return [metrics.Observation(method.active, method.metric_attrs) for method in self.methods.values()]
+
+
+class _Streams:
+    """One method's histogram streams for one status code, in each of meshrpc's readers."""
+
+    __slots__ = ("duration", "requests", "responses")
+
+    def __init__(self, instruments: _Instruments, attributes: dict[str, Any]) -> None:
+        self.duration = instruments.duration.streams_for(attributes)
+        self.requests: tuple[Stream, ...] | None = None  # made at their first record, as the SDK makes them
+        self.responses: tuple[Stream, ...] | None = None
 
 
 def _peer_address(peer: str) -> tuple[str, int | None]:
@@ -168,6 +186,7 @@ class _Method:
     def __init__(self, tools: _Tools, spec: MethodSpec) -> None:
         self.path = spec.path
         self.tracer = tools.tracer
+        self.presampler = tools.presampler
         self.fields = tools.fields
         self.instruments = tools.instruments
         self.access_log = tools.access_log
@@ -186,6 +205,7 @@ class _Method:
         self.active = 0  # RPCs of this method in flight, read when metrics are collected
         self._by_peer: dict[str, dict[str, Any]] = {}
         self._by_code: dict[grpc.StatusCode, dict[str, Any]] = {}
+        self._streams: dict[grpc.StatusCode, _Streams] = {}
 
     def span_attributes(self, peer: str) -> dict[str, Any]:
         """A server span's attributes when called from ``peer``, built once per peer.
@@ -209,6 +229,34 @@ class _Method:
         if attributes is None:
             attributes = self._by_code[code] = {**self.metric_attrs, "rpc.grpc.status_code": _CODE_NUMBERS[code]}
         return attributes
+
+    def record(
+        self, instruments: _Instruments, code: grpc.StatusCode, elapsed_ms: float, received: int, sent: int | None
+    ) -> None:
+        """Record one finished RPC in the histograms."""
+        if instruments.aggregates is None:
+            attrs = self.code_attributes(code)
+            instruments.duration.record(elapsed_ms, attrs)
+            if self.records_requests:
+                instruments.requests_per_rpc.record(received, attrs)
+            if sent is not None and self.records_responses:
+                instruments.responses_per_rpc.record(sent, attrs)
+            return
+        streams = self._streams.get(code)
+        if streams is None:
+            streams = self._streams[code] = _Streams(instruments, self.code_attributes(code))
+        for stream in streams.duration:
+            stream.record(elapsed_ms)
+        if self.records_requests:
+            if streams.requests is None:
+                streams.requests = instruments.requests_per_rpc.streams_for(self.code_attributes(code))
+            for stream in streams.requests:
+                stream.record(received)
+        if sent is not None and self.records_responses:
+            if streams.responses is None:
+                streams.responses = instruments.responses_per_rpc.streams_for(self.code_attributes(code))
+            for stream in streams.responses:
+                stream.record(sent)
 
 
 class Observation:
@@ -235,13 +283,18 @@ class Observation:
                 if key in fields:
                     parent = propagate.extract(text_items(metadata), getter=_GETTER)
                     break
-            # All attributes at start: one validation pass instead of one locked set per attribute.
-            span = tracer.start_span(
-                method.span_name,
-                context=parent,
-                kind=SpanKind.SERVER,
-                attributes=method.span_attributes(context.peer() or ""),
-            )
+            presampler = method.presampler
+            if presampler is not None:
+                # Decided before the SDK: only a sampled call's span is the SDK's.
+                span = presampler.start(method.span_name, parent, method.span_attributes, context.peer)
+            else:
+                # All attributes at start: one validation pass instead of one locked set per attribute.
+                span = tracer.start_span(
+                    method.span_name,
+                    context=parent,
+                    kind=SpanKind.SERVER,
+                    attributes=method.span_attributes(context.peer() or ""),
+                )
             self.span: trace.Span | None = span
             # The span is current while the handler runs: its own spans and log lines nest under it.
             self.token: object | None = otel_context.attach(trace.set_span_in_context(span))
@@ -267,12 +320,7 @@ class Observation:
         instruments = method.instruments
         if instruments is not None:
             method.active -= 1
-            attrs = method.code_attributes(code)
-            instruments.duration.record(elapsed_ms, attrs)
-            if method.records_requests:
-                instruments.requests_per_rpc.record(self.received, attrs)
-            if sent is not None and method.records_responses:
-                instruments.responses_per_rpc.record(sent, attrs)
+            method.record(instruments, code, elapsed_ms, self.received, sent)
         if method.access_log != "off" and (method.sample_rate >= 1.0 or random.random() < method.sample_rate):
             self._access_log(code, elapsed_ms)
 
@@ -304,13 +352,16 @@ class _Tools:
 
     def __init__(self, telemetry: Telemetry) -> None:
         self.tracer = trace.get_tracer("meshrpc", __version__) if telemetry.tracing else None
+        self.presampler = PreSampler.for_tracer(self.tracer) if self.tracer is not None else None
         self.fields = frozenset(propagate.get_global_textmap().fields)
         self.access_log = telemetry.access_log
         self.sample_rate = telemetry.access_log_sample_rate
         self.server_address = telemetry.server_address
         self.server_port = telemetry.server_port
         self._methods: dict[str, _Method] = {}
-        self.instruments = _Instruments(self._methods, telemetry.shedder) if telemetry.metrics else None
+        self.instruments = (
+            _Instruments(self._methods, telemetry.shedder, telemetry.aggregates) if telemetry.metrics else None
+        )
 
     def begin_for(self, spec: MethodSpec) -> Begin:
         """How each RPC of ``spec`` begins its observation."""

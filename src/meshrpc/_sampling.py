@@ -1,0 +1,139 @@
+"""The sampling decision, made before the OpenTelemetry SDK is asked for a span.
+
+With ``ParentBased(TraceIdRatioBased(r))`` (``OTEL_TRACES_SAMPLER=parentbased_traceidratio``)
+most calls are not sampled, yet the SDK's ``start_span`` still builds the span's
+attributes, asks the sampler and makes a non-recording span for each.  meshrpc makes
+the same decision the configured sampler would, by the sampler's own rule: a sampled
+or unsampled parent decides; a new trace is sampled when the low 64 bits of its trace
+id are below ``TraceIdRatioBased.bound``.  Only a sampled call reaches the SDK's
+``start_span``.  An unsampled call gets the non-recording span the SDK would have
+made (its trace id, a new span id, the parent's flags and trace state), so its log
+lines still carry the trace id and its outgoing calls still say "not sampled".
+
+A new trace's id is drawn before the decision, from the tracer's own id generator;
+when the call is sampled, the SDK must give the span that same id, so meshrpc's
+tracer (its own object, from ``get_tracer``) draws trace ids through `_Drawn`, which
+returns the id meshrpc drew.  Any other sampler, or a tracer that is not the SDK's,
+and every call goes to the SDK as before.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from opentelemetry import trace
+from opentelemetry.context import Context
+from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, TraceFlags
+
+# The SDK's ParentBased description when every parent delegate is the default one:
+# a sampled parent means sampled, an unsampled one means dropped, remote or local.
+_PARENT_BASED = re.compile(
+    r"ParentBased\{root:TraceIdRatioBased\{(?P<rate>[^}]*)\},"
+    r"remoteParentSampled:AlwaysOnSampler,remoteParentNotSampled:AlwaysOffSampler,"
+    r"localParentSampled:AlwaysOnSampler,localParentNotSampled:AlwaysOffSampler\}"
+)
+_LOW_64 = (1 << 64) - 1  # TraceIdRatioBased.TRACE_ID_LIMIT: the bits its rule reads
+# W3C trace context level 2's random-trace-id flag, which the SDK sets (not in older APIs).
+_RANDOM_FLAG = int(getattr(TraceFlags, "RANDOM_TRACE_ID", 0))
+
+
+class _Drawn:
+    """An id generator that hands the SDK the trace id meshrpc drew for a sampled call,
+    and otherwise is the tracer's own."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self._pinned = threading.local()
+
+    def pin(self, trace_id: int) -> None:
+        self._pinned.trace_id = trace_id
+
+    def generate_trace_id(self) -> int:
+        trace_id: int | None = getattr(self._pinned, "trace_id", None)
+        if trace_id is None:
+            return int(self.inner.generate_trace_id())
+        self._pinned.trace_id = None
+        return trace_id
+
+    def generate_span_id(self) -> int:
+        return int(self.inner.generate_span_id())
+
+    def is_trace_id_random(self) -> bool:
+        check = getattr(self.inner, "is_trace_id_random", None)
+        return bool(check()) if check is not None else False
+
+
+class PreSampler:
+    """Starts a server span, deciding sampling first (see the module's docstring)."""
+
+    def __init__(self, tracer: Any, bound: int, parent_based: bool) -> None:
+        self.tracer: trace.Tracer = tracer
+        self.bound = bound
+        self.parent_based = parent_based
+        self.ids = _Drawn(tracer.id_generator)
+        tracer.id_generator = self.ids  # meshrpc's own tracer object: no one else's spans
+        # Read once: asked on every call.
+        self._trace_id = self.ids.inner.generate_trace_id
+        self._span_id = self.ids.inner.generate_span_id
+        self._new_trace_flags = TraceFlags(_RANDOM_FLAG if self.ids.is_trace_id_random() else 0)
+
+    @classmethod
+    def for_tracer(cls, tracer: Any) -> PreSampler | None:
+        """A PreSampler for ``tracer``'s sampler, or None when only the SDK can decide."""
+        try:
+            from opentelemetry.sdk.trace import Tracer
+            from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
+        except ImportError:
+            return None
+        if type(tracer) is not Tracer:
+            return None
+        sampler = getattr(tracer, "sampler", None)
+        if type(sampler) is TraceIdRatioBased:
+            return cls(tracer, sampler.bound, parent_based=False)
+        if isinstance(sampler, ParentBased):
+            match = _PARENT_BASED.fullmatch(str(sampler.get_description()))  # type: ignore[no-untyped-call]
+            if match is None:
+                return None
+            try:
+                rate = float(match["rate"])
+            except ValueError:
+                return None
+            return cls(tracer, TraceIdRatioBased.get_bound_for_rate(rate), parent_based=True)
+        return None
+
+    def start(
+        self,
+        name: str,
+        parent: Context | None,
+        attributes: Callable[[str], dict[str, Any]],
+        peer: Callable[[], str | None],
+    ) -> trace.Span:
+        """A SERVER span under ``parent``: recording (from the SDK) only if sampled.
+
+        ``attributes(peer())`` are the span's attributes, built only for a sampled call.
+        """
+        if parent is not None:
+            context = trace.get_current_span(parent).get_span_context()
+            if context.is_valid:
+                flags = context.trace_flags
+                # ParentBased follows the parent; TraceIdRatioBased alone reads the parent's trace id.
+                sampled = flags.sampled if self.parent_based else (context.trace_id & _LOW_64) < self.bound
+                if sampled:
+                    return self.tracer.start_span(
+                        name, context=parent, kind=SpanKind.SERVER, attributes=attributes(peer() or "")
+                    )
+                # The SDK keeps the parent's random-id flag and trace state on a dropped span.
+                kept = TraceFlags(_RANDOM_FLAG if flags & _RANDOM_FLAG else 0)
+                return NonRecordingSpan(
+                    SpanContext(context.trace_id, self._span_id(), False, kept, context.trace_state)
+                )
+        trace_id = self._trace_id()
+        if (trace_id & _LOW_64) < self.bound:
+            self.ids.pin(trace_id)
+            return self.tracer.start_span(
+                name, context=parent, kind=SpanKind.SERVER, attributes=attributes(peer() or "")
+            )
+        return NonRecordingSpan(SpanContext(trace_id, self._span_id(), False, self._new_trace_flags))

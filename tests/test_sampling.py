@@ -1,0 +1,148 @@
+"""meshrpc decides sampling before the SDK: the same decisions as the configured sampler,
+the same span contexts for dropped calls, and the SDK asked only for sampled ones."""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import pytest
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
+from opentelemetry.sdk.trace.sampling import (
+    ALWAYS_ON,
+    Decision,
+    ParentBased,
+    ParentBasedTraceIdRatio,
+    Sampler,
+    StaticSampler,
+    TraceIdRatioBased,
+)
+from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags, TraceState
+
+from meshrpc._sampling import PreSampler
+
+ATTRS = {"rpc.system": "grpc", "rpc.service": "echo.Echo", "rpc.method": "Unary"}
+
+
+def peer() -> str:
+    return "ipv4:127.0.0.1:5555"
+
+
+class Seeded(RandomIdGenerator):
+    """Random ids from a seeded generator, so a test sees the same ids every run."""
+
+    def __init__(self, seed: int) -> None:
+        self.rng = random.Random(seed)
+
+    def generate_span_id(self) -> int:
+        return self.rng.getrandbits(64) or 1
+
+    def generate_trace_id(self) -> int:
+        return self.rng.getrandbits(128) or 1
+
+
+def provider(sampler: Sampler, seed: int = 1) -> tuple[TracerProvider, InMemorySpanExporter]:
+    spans = InMemorySpanExporter()
+    made = TracerProvider(sampler=sampler, id_generator=Seeded(seed))
+    made.add_span_processor(SimpleSpanProcessor(spans))
+    return made, spans
+
+
+def parent(sampled: bool, state: str = "") -> Any:
+    flags = TraceFlags(TraceFlags.SAMPLED if sampled else TraceFlags.DEFAULT)
+    context = SpanContext(
+        0x0AF7651916CD43DD8448EB211C80319C,
+        0xB7AD6B7169203331,
+        True,
+        flags,
+        TraceState.from_header([state]) if state else None,
+    )
+    return trace.set_span_in_context(NonRecordingSpan(context))
+
+
+@pytest.mark.parametrize(
+    "sampler",
+    [ParentBasedTraceIdRatio(0.1), ParentBased(TraceIdRatioBased(0.37)), TraceIdRatioBased(0.5)],
+    ids=["parentbased_traceidratio", "ParentBased(ratio)", "traceidratio"],
+)
+def test_new_traces_are_sampled_as_the_configured_sampler_samples_them(sampler: Sampler) -> None:
+    made, spans = provider(sampler)
+    tracer = made.get_tracer("meshrpc")
+    presampler = PreSampler.for_tracer(tracer)
+    assert presampler is not None
+    asked = 0
+
+    def attributes(peer: str) -> dict[str, Any]:
+        nonlocal asked
+        asked += 1
+        assert peer == "ipv4:127.0.0.1:5555"
+        return ATTRS
+
+    decisions = []
+    for _ in range(3000):
+        span = presampler.start("echo.Echo/Unary", None, attributes, peer)
+        context = span.get_span_context()
+        assert context.is_valid and not context.is_remote
+        expected = sampler.should_sample(None, context.trace_id, "echo.Echo/Unary").decision.is_sampled()
+        assert span.is_recording() is expected is context.trace_flags.sampled
+        # the SDK's flags for a new trace: the W3C random-trace-id flag (id generator is random)
+        assert context.trace_flags & ~TraceFlags.SAMPLED == getattr(TraceFlags, "RANDOM_TRACE_ID", 0)
+        decisions.append((context.trace_id, expected))
+        span.end()
+    sampled = [trace_id for trace_id, is_sampled in decisions if is_sampled]
+    assert 0 < len(sampled) < 3000
+    # only sampled calls reached the SDK, each with the very trace id meshrpc decided on
+    assert asked == len(sampled)
+    assert [s.context.trace_id for s in spans.get_finished_spans()] == sampled
+    assert all(
+        s.kind == trace.SpanKind.SERVER and dict(s.attributes or {}) == ATTRS for s in spans.get_finished_spans()
+    )
+
+
+@pytest.mark.parametrize("sampled", [True, False])
+@pytest.mark.parametrize("sampler", [ParentBasedTraceIdRatio(0.0001), TraceIdRatioBased(0.5)], ids=["parent", "ratio"])
+def test_an_incoming_parent_gives_what_the_sdk_gives(sampler: Sampler, sampled: bool) -> None:
+    made, _ = provider(sampler)
+    ours_tracer, sdk_tracer = made.get_tracer("meshrpc"), made.get_tracer("sdk")
+    presampler = PreSampler.for_tracer(ours_tracer)
+    assert presampler is not None
+    incoming = parent(sampled, "vendor=abc")
+    ours = presampler.start("x", incoming, lambda peer: ATTRS, peer)
+    theirs = sdk_tracer.start_span("x", context=incoming, kind=trace.SpanKind.SERVER, attributes=ATTRS)
+    a, b = ours.get_span_context(), theirs.get_span_context()
+    assert (a.trace_id, a.trace_flags, a.trace_state, a.is_remote) == (
+        b.trace_id,
+        b.trace_flags,
+        b.trace_state,
+        b.is_remote,
+    )
+    assert ours.is_recording() == theirs.is_recording()
+    assert a.span_id not in (0, 0xB7AD6B7169203331)
+
+
+def test_other_samplers_are_left_to_the_sdk() -> None:
+    for sampler in (
+        ALWAYS_ON,
+        StaticSampler(Decision.DROP),
+        ParentBased(TraceIdRatioBased(0.1), remote_parent_not_sampled=ALWAYS_ON),
+    ):
+        made, _ = provider(sampler)
+        assert PreSampler.for_tracer(made.get_tracer("meshrpc")) is None, sampler.get_description()
+    assert PreSampler.for_tracer(trace.NoOpTracer()) is None
+
+
+def test_only_meshrpc_s_tracer_draws_its_ids() -> None:
+    made, spans = provider(ParentBasedTraceIdRatio(1.0))
+    ours, user = made.get_tracer("meshrpc"), made.get_tracer("user")
+    presampler = PreSampler.for_tracer(ours)
+    assert presampler is not None
+    span = presampler.start("x", None, lambda peer: ATTRS, peer)
+    with user.start_as_current_span("child") as child:
+        assert child.get_span_context().trace_id != span.get_span_context().trace_id
+    span.end()
+    assert len(spans.get_finished_spans()) == 2
+    assert user.id_generator is made.id_generator  # the user's tracers keep the provider's generator
