@@ -104,10 +104,17 @@ async def main(calls: int) -> None:
         f"stream: bare handler {bare:6.2f} us, through meshrpc {wrapped:6.2f} us: +{wrapped - bare:.2f} us per message"
     )
 
-    from bench.servers import production_sdk
+    import os
+
+    from bench.servers import PLUGINS, PRODUCTION_OTEL
+    from meshrpc._aggregates import Aggregates
+    from meshrpc._otel_setup import configure_sdk
     from meshrpc._telemetry import Telemetry, observer, sdk_configured
 
-    production_sdk()
+    # The SDK as `otel_sdk` sets it up from the production profile's OTEL_* variables.
+    sys.path.insert(0, str(PLUGINS))
+    aggregates = Aggregates()
+    configure_sdk("bench", {**os.environ, **PRODUCTION_OTEL}, aggregates)
     tracing, metering = sdk_configured()
     telemetry = Telemetry(
         tracing=tracing,
@@ -116,6 +123,7 @@ async def main(calls: int) -> None:
         access_log_sample_rate=0.01,
         server_address="127.0.0.1",
         server_port=50051,
+        aggregates=aggregates,
     )
     observed = handler("SayHello", observe=observer(telemetry)).unary_unary
     production = await per_call(lambda: observed(hello, context), calls)

@@ -11,9 +11,11 @@ from __future__ import annotations
 from bench.instructions import instructions_per_call
 
 # Over raw grpc.aio, as a share of raw's instructions per unary call (docs/performance.md):
-# the defaults measured -0.8 %, the production profile +33.5 %.
+# the defaults measured -1.0 %, the production profile +11.3 % (it was +33.5 % when every
+# call's metrics and span went through the OpenTelemetry SDK).  The production figure moves
+# with how many of the counted calls the 10 % sampler picks (about +-1 % for 200 calls).
 DEFAULTS_BUDGET = 0.03
-PRODUCTION_BUDGET = 0.40
+PRODUCTION_BUDGET = 0.16
 
 
 def test_per_rpc_instructions_stay_within_their_budgets() -> None:

@@ -210,9 +210,17 @@ class Aggregates:
 
     def __init__(self, resource: Resource | None = None) -> None:
         self.resource = resource if resource is not None else Resource.get_empty()
+        self.provider: object | None = None  # the MeterProvider whose readers carry these histograms
         self.readers: list[ReaderState] = []
         self.instruments: list[Instrument] = []
         self.lock = threading.Lock()
+
+    def installed(self) -> bool:
+        """Whether the global MeterProvider is the one these readers are on: the SDK keeps the
+        first provider set in a process, so a second app served in it records through the SDK."""
+        from opentelemetry import metrics
+
+        return self.provider is not None and metrics.get_meter_provider() is self.provider
 
     def add_reader(self, delta: bool) -> int:
         if self.instruments:

@@ -126,7 +126,7 @@ async def _setup_telemetry(assembly: Assembly, app: App, config: Config) -> None
         # OTEL_* are the SDK's own standard variables; the SDK reads some of them itself.
         extra = [reader] if reader is not None else []
         assembly.telemetry_shutdown = configure_sdk(app.name, os.environ, aggregates, extra)
-        assembly.aggregates = aggregates
+        assembly.aggregates = aggregates if aggregates.installed() else None
     elif reader is not None:
         if sdk_configured()[1]:
             logger.warning(
@@ -136,7 +136,7 @@ async def _setup_telemetry(assembly: Assembly, app: App, config: Config) -> None
             )
         else:
             assembly.telemetry_shutdown = _metrics.install_meter_provider(app.name, reader, aggregates)
-            assembly.aggregates = aggregates
+            assembly.aggregates = aggregates if aggregates.installed() else None
     if config.metrics_port is not None:
         host = config.host.strip("[]")
         endpoint = _metrics.MetricsEndpoint(host, config.metrics_port)

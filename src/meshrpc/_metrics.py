@@ -46,7 +46,7 @@ def install_meter_provider(service_name: str, reader: Any, aggregates: Aggregate
     from ._otel_setup import service_resource
 
     aggregates.resource = service_resource(service_name)
-    provider = MeterProvider(resource=aggregates.resource, metric_readers=[reader])
+    provider = aggregates.provider = MeterProvider(resource=aggregates.resource, metric_readers=[reader])
     metrics.set_meter_provider(provider)
     return provider.shutdown
 

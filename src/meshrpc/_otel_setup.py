@@ -101,7 +101,7 @@ def configure_sdk(
         )
     ]
     aggregates.resource = resource
-    meter_provider = MeterProvider(resource=resource, metric_readers=[*readers, *extra_readers])
+    meter_provider = aggregates.provider = MeterProvider(resource=resource, metric_readers=[*readers, *extra_readers])
     trace.set_tracer_provider(tracer_provider)
     metrics.set_meter_provider(meter_provider)
     logger.info("OpenTelemetry SDK set up for service %s", resource.attributes.get(SERVICE_NAME))
