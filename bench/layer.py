@@ -112,9 +112,11 @@ async def main(calls: int) -> None:
     from meshrpc._telemetry import Telemetry, observer, sdk_configured
 
     # The SDK as `otel_sdk` sets it up from the production profile's OTEL_* variables.
+    # (the SDK reads its sampler from os.environ itself)
     sys.path.insert(0, str(PLUGINS))
+    os.environ.update({k: v for k, v in PRODUCTION_OTEL.items() if k not in os.environ})
     aggregates = Aggregates()
-    configure_sdk("bench", {**os.environ, **PRODUCTION_OTEL}, aggregates)
+    configure_sdk("bench", os.environ, aggregates)
     tracing, metering = sdk_configured()
     telemetry = Telemetry(
         tracing=tracing,
