@@ -68,6 +68,8 @@ def contenders(port: int) -> list[Contender]:
         # New traces only (no incoming traceparent): the sampler decides, 1 in 10.
         Contender("meshrpc production", server("meshrpc-production"), traceparent=False),
         Contender("raw + prod. floor", server("raw-production-floor"), traceparent=False),
+        # meshrpc's telemetry techniques inline in raw handlers: what any design using them costs.
+        Contender("raw + lean prod.", server("raw-lean-production"), traceparent=False),
         Contender("grpclib", server("grpclib")),
     ]
 

@@ -7,6 +7,8 @@ raw-otel-contrib  the same, with opentelemetry-instrumentation-grpc's aio server
 raw-sdk-floor     raw grpc.aio whose handlers do, inline, the least tracing work (the SDK's floor
                   under load); raw-production-floor: the same with the production profile's SDK
                   and a duration histogram
+raw-lean-production  raw grpc.aio with the production profile's telemetry inline, done with
+                  meshrpc's techniques (histograms outside the SDK, sampling before it)
 meshrpc-traced    meshrpc with every RPC traced into a batch processor and a no-op exporter
 meshrpc-middleware  meshrpc with one no-op middleware (what the middleware chain costs)
 meshrpc-production  meshrpc as a cluster runs it: the SDK set up by meshrpc from OTEL_* (otel_sdk),
@@ -202,6 +204,108 @@ async def raw_production_floor(port: int) -> None:
     await raw_with(port, floor_servicer(production=True, port=port))
 
 
+def lean_servicer(port: int) -> Any:
+    """The production profile's telemetry done inline in raw handlers with meshrpc's own
+    techniques (histograms aggregated outside the SDK, sampling decided before it), and
+    nothing else: no framework around the handler, no access log.  What any design built on
+    these techniques costs under the same load: the bar meshrpc's production profile is
+    measured against, beside the SDK-only floor."""
+    import time
+
+    from opentelemetry import context as otel_context
+    from opentelemetry import metrics, propagate, trace
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor
+    from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
+
+    from bench.app import BareGreeter as Greeter
+    from meshrpc._aggregates import Aggregates, with_aggregates
+    from meshrpc._sampling import PreSampler
+
+    provider = TracerProvider(sampler=ParentBased(TraceIdRatioBased(0.1)))
+    provider.add_span_processor(BatchSpanProcessor(NoOpSpans()))
+    trace.set_tracer_provider(provider)
+    aggregates = Aggregates()
+    reader = with_aggregates(PeriodicExportingMetricReader, aggregates, delta=False)(
+        NoOpMetrics(), export_interval_millis=10_000
+    )
+    metrics.set_meter_provider(MeterProvider(metric_readers=[reader]))
+    presampler = PreSampler.for_tracer(trace.get_tracer("lean"))
+    assert presampler is not None
+    fields = frozenset(propagate.get_global_textmap().fields)
+    duration = aggregates.histogram("rpc.server.duration", unit="ms", description="")
+    responses = aggregates.histogram("rpc.server.responses_per_rpc", unit="{count}", description="")
+    base = {"rpc.system": "grpc", "rpc.service": "helloworld.Greeter"}
+    streams = {
+        name: (
+            duration.streams_for({**base, "rpc.method": name, "rpc.grpc.status_code": 0}),
+            responses.streams_for({**base, "rpc.method": name, "rpc.grpc.status_code": 0}),
+        )
+        for name in ("SayHello", "SayHelloStream")
+    }
+
+    def attributes_for(method: str) -> Any:
+        def attributes(peer: str) -> dict[str, Any]:
+            host, _, port_text = peer.rpartition(":")
+            return {
+                **base,
+                "rpc.method": method,
+                "server.address": "127.0.0.1",
+                "server.port": port,
+                "client.address": host,
+                "client.port": int(port_text),
+            }
+
+        return attributes
+
+    def start(context: Any, method: str) -> tuple[Any, Any]:
+        parent = None
+        metadata = context.invocation_metadata() or ()
+        for key, _ in metadata:
+            if key in fields:
+                parent = propagate.extract({k: v for k, v in metadata if isinstance(v, str)})
+                break
+        span = presampler.start(f"helloworld.Greeter/{method}", parent, attributes_for(method), context.peer)
+        return span, otel_context.attach(trace.set_span_in_context(span))
+
+    def end(span: Any, token: Any, started: float, method: str, sent: int | None = None) -> None:
+        otel_context.detach(token)
+        if span.is_recording():
+            span.set_attribute("rpc.grpc.status_code", 0)
+            span.end()
+        ms = (time.perf_counter() - started) * 1000
+        durations, replies = streams[method]
+        for stream in durations:
+            stream.record(ms)
+        if sent is not None:
+            for stream in replies:
+                stream.record(sent)
+
+    class LeanGreeter(Greeter):
+        async def SayHello(self, request: Any, context: Any) -> Any:
+            started = time.perf_counter()
+            span, token = start(context, "SayHello")
+            reply = await super().SayHello(request, context)
+            end(span, token, started, "SayHello")
+            return reply
+
+        async def SayHelloStream(self, request: Any, context: Any) -> None:  # type: ignore[override]
+            started, sent = time.perf_counter(), 0
+            span, token = start(context, "SayHelloStream")
+            async for reply in super().SayHelloStream(request, context):
+                await context.write(reply)
+                sent += 1
+            end(span, token, started, "SayHelloStream", sent)
+
+    return LeanGreeter()
+
+
+async def raw_lean_production(port: int) -> None:
+    await raw_with(port, lean_servicer(port))
+
+
 async def raw_otel_contrib(port: int) -> None:
     from opentelemetry.instrumentation.grpc import GrpcAioInstrumentorServer
 
@@ -313,6 +417,7 @@ CONTENDERS = {
     "raw-otel-contrib": raw_otel_contrib,
     "raw-sdk-floor": raw_sdk_floor,
     "raw-production-floor": raw_production_floor,
+    "raw-lean-production": raw_lean_production,
     "meshrpc-traced": meshrpc_traced,
     "meshrpc-middleware": meshrpc_middleware,
     "meshrpc-production": meshrpc_production,

@@ -32,6 +32,7 @@ def test_benchmark_runs_every_contender() -> None:
         "raw + otel contrib",
         "meshrpc production",
         "raw + prod. floor",
+        "raw + lean prod.",
         "grpclib",
     ]
     assert names == contenders * 2  # both workloads, every contender

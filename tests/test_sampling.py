@@ -91,6 +91,7 @@ def test_new_traces_are_sampled_as_the_configured_sampler_samples_them(sampler: 
         assert span.is_recording() is expected is context.trace_flags.sampled
         # the SDK's flags for a new trace: the W3C random-trace-id flag (id generator is random)
         assert context.trace_flags & ~TraceFlags.SAMPLED == getattr(TraceFlags, "RANDOM_TRACE_ID", 0)
+        assert span.get_span_context() is context  # read once, kept: one span id per span
         decisions.append((context.trace_id, expected))
         span.end()
     sampled = [trace_id for trace_id, is_sampled in decisions if is_sampled]

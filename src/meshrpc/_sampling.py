@@ -66,6 +66,26 @@ class _Drawn:
         return bool(check()) if check is not None else False
 
 
+class _Dropped(NonRecordingSpan):
+    """The span of a call the sampler dropped, as the SDK makes it, with its span id drawn
+    when something first reads its context (a log line, an outgoing call, a child span):
+    most such calls never do, and building the context is most of the cost of the span."""
+
+    def __init__(self, trace_id: int, flags: TraceFlags, trace_state: Any, span_id: Callable[[], int]) -> None:
+        self._made: SpanContext | None = None
+        self._parts = (trace_id, flags, trace_state, span_id)
+
+    def get_span_context(self) -> SpanContext:
+        context = self._made
+        if context is None:
+            trace_id, flags, trace_state, span_id = self._parts
+            context = self._made = SpanContext(trace_id, span_id(), False, flags, trace_state)
+        return context
+
+    def __repr__(self) -> str:
+        return f"NonRecordingSpan({self.get_span_context()!r})"
+
+
 class PreSampler:
     """Starts a server span, deciding sampling first (see the module's docstring)."""
 
@@ -127,13 +147,11 @@ class PreSampler:
                     )
                 # The SDK keeps the parent's random-id flag and trace state on a dropped span.
                 kept = TraceFlags(_RANDOM_FLAG if flags & _RANDOM_FLAG else 0)
-                return NonRecordingSpan(
-                    SpanContext(context.trace_id, self._span_id(), False, kept, context.trace_state)
-                )
+                return _Dropped(context.trace_id, kept, context.trace_state, self._span_id)
         trace_id = self._trace_id()
         if (trace_id & _LOW_64) < self.bound:
             self.ids.pin(trace_id)
             return self.tracer.start_span(
                 name, context=parent, kind=SpanKind.SERVER, attributes=attributes(peer() or "")
             )
-        return NonRecordingSpan(SpanContext(trace_id, self._span_id(), False, self._new_trace_flags))
+        return _Dropped(trace_id, self._new_trace_flags, None, self._span_id)
