@@ -201,11 +201,11 @@ def run_round(contender: Contender, workload: Workload, body_file: str, args: ar
         stop(server)
 
 
-def stop(server: subprocess.Popen[bytes]) -> None:
-    """SIGTERM, as Kubernetes stops a pod; SIGKILL if the server is still there after 10 s."""
+def stop(server: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
+    """SIGTERM, as Kubernetes stops a pod; SIGKILL if the server is still there after ``timeout`` s."""
     server.send_signal(signal.SIGTERM)
     try:
-        server.wait(10)
+        server.wait(timeout)
     except subprocess.TimeoutExpired:
         server.kill()
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import signal
 import socket
 import statistics
 import subprocess
@@ -28,6 +27,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 BIN = Path(sys.executable).parent
+
+from bench.bench import stop  # noqa: E402
 
 WARMUP = 200
 
@@ -107,11 +108,7 @@ def instructions_per_call(contender: str, calls: int) -> float:
             _calls(port, calls)
             subprocess.run(["callgrind_control", "--dump", str(proc.pid)], check=True, capture_output=True)
         finally:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(120)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            stop(proc, timeout=120)  # valgrind's shutdown is slow too
         # The dump asked for after the calls says "Trigger: dump"; the one written at exit
         # ("Program termination") holds the shutdown.
         for dump in Path(tmp).glob("callgrind.out.*"):

@@ -24,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -122,6 +122,34 @@ async def raw(port: int) -> None:
     await server.stop(0)
 
 
+def traced_greeter(start: Callable[[Any, str], Any], end: Callable[[Any, float, str, int | None], None]) -> Any:
+    """The bare greeter with ``start(context, method)`` before each call and
+    ``end(what_start_returned, started, method, replies_sent)`` after it.  Streamed replies
+    are written with ``context.write`` as they come, as meshrpc writes them: no generator
+    layer per message."""
+    import time
+
+    from bench.app import BareGreeter as Greeter
+
+    class TracedGreeter(Greeter):
+        async def SayHello(self, request: Any, context: Any) -> Any:
+            started = time.perf_counter()
+            handle = start(context, "SayHello")
+            reply = await super().SayHello(request, context)
+            end(handle, started, "SayHello", None)
+            return reply
+
+        async def SayHelloStream(self, request: Any, context: Any) -> None:  # type: ignore[override]
+            started, sent = time.perf_counter(), 0
+            handle = start(context, "SayHelloStream")
+            async for reply in super().SayHelloStream(request, context):
+                await context.write(reply)
+                sent += 1
+            end(handle, started, "SayHelloStream", sent)
+
+    return TracedGreeter()
+
+
 def floor_servicer(production: bool, port: int) -> Any:
     """The greeter with the least any server-side OpenTelemetry must do per RPC, written inline.
 
@@ -134,8 +162,6 @@ def floor_servicer(production: bool, port: int) -> Any:
     import time
 
     from opentelemetry import metrics, propagate, trace
-
-    from bench.app import BareGreeter as Greeter
 
     tracer = trace.get_tracer("floor")
     meter = metrics.get_meter("floor")
@@ -158,7 +184,7 @@ def floor_servicer(production: bool, port: int) -> Any:
             attributes=attributes,
         )
 
-    def end(span: Any, started: float, method: str, sent: int | None = None) -> None:
+    def end(span: Any, started: float, method: str, sent: int | None) -> None:
         span.set_attribute("rpc.grpc.status_code", 0)
         span.end()
         if duration is not None:
@@ -167,22 +193,7 @@ def floor_servicer(production: bool, port: int) -> Any:
             if responses is not None and sent is not None:
                 responses.record(sent, attrs)
 
-    class FloorGreeter(Greeter):
-        async def SayHello(self, request: Any, context: Any) -> Any:
-            started, span = time.perf_counter(), start(context, "SayHello")
-            reply = await super().SayHello(request, context)
-            end(span, started, "SayHello")
-            return reply
-
-        async def SayHelloStream(self, request: Any, context: Any) -> None:  # type: ignore[override]
-            # Replies written as they come, not re-yielded: no generator layer per message.
-            started, span, sent = time.perf_counter(), start(context, "SayHelloStream"), 0
-            async for reply in super().SayHelloStream(request, context):
-                await context.write(reply)
-                sent += 1
-            end(span, started, "SayHelloStream", sent)
-
-    return FloorGreeter()
+    return traced_greeter(start, end)
 
 
 async def raw_with(port: int, servicer: Any) -> None:
@@ -220,7 +231,6 @@ def lean_servicer(port: int) -> Any:
     from opentelemetry.sdk.trace.export import BatchSpanProcessor
     from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
 
-    from bench.app import BareGreeter as Greeter
     from meshrpc._aggregates import Aggregates, with_aggregates
     from meshrpc._sampling import PreSampler
 
@@ -270,7 +280,8 @@ def lean_servicer(port: int) -> Any:
         span = presampler.start(f"helloworld.Greeter/{method}", parent, attributes_for(method), context.peer)
         return span, otel_context.attach(trace.set_span_in_context(span))
 
-    def end(span: Any, token: Any, started: float, method: str, sent: int | None = None) -> None:
+    def end(handle: tuple[Any, Any], started: float, method: str, sent: int | None) -> None:
+        span, token = handle
         otel_context.detach(token)
         if span.is_recording():
             span.set_attribute("rpc.grpc.status_code", 0)
@@ -283,23 +294,7 @@ def lean_servicer(port: int) -> Any:
             for stream in replies:
                 stream.record(sent)
 
-    class LeanGreeter(Greeter):
-        async def SayHello(self, request: Any, context: Any) -> Any:
-            started = time.perf_counter()
-            span, token = start(context, "SayHello")
-            reply = await super().SayHello(request, context)
-            end(span, token, started, "SayHello")
-            return reply
-
-        async def SayHelloStream(self, request: Any, context: Any) -> None:  # type: ignore[override]
-            started, sent = time.perf_counter(), 0
-            span, token = start(context, "SayHelloStream")
-            async for reply in super().SayHelloStream(request, context):
-                await context.write(reply)
-                sent += 1
-            end(span, token, started, "SayHelloStream", sent)
-
-    return LeanGreeter()
+    return traced_greeter(start, end)
 
 
 async def raw_lean_production(port: int) -> None:

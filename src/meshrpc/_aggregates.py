@@ -23,7 +23,7 @@ import math
 import threading
 import time
 from bisect import bisect_left
-from collections.abc import Sequence
+from collections.abc import Mapping
 from typing import Any
 
 from opentelemetry.sdk.metrics.export import (
@@ -208,8 +208,8 @@ class Aggregates:
     its own streams, as each SDK reader has its own storage.
     """
 
-    def __init__(self, resource: Resource | None = None) -> None:
-        self.resource = resource if resource is not None else Resource.get_empty()
+    def __init__(self) -> None:
+        self.resource = Resource.get_empty()  # the provider's, set by whoever builds it
         self.provider: object | None = None  # the MeterProvider whose readers carry these histograms
         self.readers: list[ReaderState] = []
         self.instruments: list[Instrument] = []
@@ -267,10 +267,10 @@ def _collection_time(data: MetricsData) -> int:
     return time.time_ns()
 
 
-def histogram_temporality_is_delta(environ: dict[str, str] | Any) -> bool:
+def histogram_temporality_is_delta(environ: Mapping[str, str]) -> bool:
     """Whether OTLP exporters ask for delta histograms: OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE
     is ``delta`` or ``lowmemory`` (both make histograms delta, per the OpenTelemetry specification)."""
-    preference = str(environ.get("OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE", "cumulative")).strip().lower()
+    preference = environ.get("OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE", "cumulative").strip().lower()
     return preference in ("delta", "lowmemory")
 
 
@@ -282,6 +282,3 @@ def with_aggregates(reader_class: type[Any], aggregates: Aggregates, delta: bool
         reader_class._receive_metrics(self, aggregates.add_to(index, metrics_data), timeout_millis, **kwargs)
 
     return type(reader_class.__name__, (reader_class,), {"_receive_metrics": _receive_metrics})
-
-
-__all__: Sequence[str] = ()
