@@ -38,6 +38,10 @@ CONTENDERS = {
     "middleware": [sys.executable, "-m", "bench.servers", "meshrpc-middleware", "{port}"],
     "production": [sys.executable, "-m", "bench.servers", "meshrpc-production", "{port}"],
     "tracing": [sys.executable, "-m", "bench.servers", "meshrpc-traced", "{port}"],
+    # The production profile's telemetry inline in raw handlers (meshrpc's aggregates and
+    # sampling, nothing else), and the SDK-only floor: the bars for "production".
+    "lean": [sys.executable, "-m", "bench.servers", "raw-lean-production", "{port}"],
+    "floor": [sys.executable, "-m", "bench.servers", "raw-production-floor", "{port}"],
 }
 
 

@@ -99,6 +99,7 @@ class Telemetry:
 # Each status code's number, read once: an enum's ``.value`` is a descriptor call, and
 # this is asked once per RPC.
 _CODE_NUMBERS = {code: code.value[0] for code in grpc.StatusCode}
+_OK = grpc.StatusCode.OK
 
 
 class _Instruments:
@@ -206,6 +207,9 @@ class _Method:
         self._by_peer: dict[str, dict[str, Any]] = {}
         self._by_code: dict[grpc.StatusCode, dict[str, Any]] = {}
         self._streams: dict[grpc.StatusCode, _Streams] = {}
+        # OK's streams, found without the dict: a status code's hash is Enum's, in Python.
+        self._ok: _Streams | None = None
+        self.logs = self.access_log != "off"
 
     def span_attributes(self, peer: str) -> dict[str, Any]:
         """A server span's attributes when called from ``peer``, built once per peer.
@@ -242,9 +246,11 @@ class _Method:
             if sent is not None and self.records_responses:
                 instruments.responses_per_rpc.record(sent, attrs)
             return
-        streams = self._streams.get(code)
+        streams = self._ok if code is _OK else self._streams.get(code)
         if streams is None:
             streams = self._streams[code] = _Streams(instruments, self.code_attributes(code))
+            if code is _OK:
+                self._ok = streams
         for stream in streams.duration:
             stream.record(elapsed_ms)
         if self.records_requests:
@@ -321,7 +327,7 @@ class Observation:
         if instruments is not None:
             method.active -= 1
             method.record(instruments, code, elapsed_ms, self.received, sent)
-        if method.access_log != "off" and (method.sample_rate >= 1.0 or random.random() < method.sample_rate):
+        if method.logs and (method.sample_rate >= 1.0 or random.random() < method.sample_rate):
             self._access_log(code, elapsed_ms)
 
     def _record_error(self, span: trace.Span, code: grpc.StatusCode, exc: BaseException | None) -> None:
