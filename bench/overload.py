@@ -6,8 +6,12 @@ Each server runs pinned to CPU 0 and the load generator (grpc-js, bench/overload
 to CPU 1. Every call has a 200 ms deadline. First each server's capacity C is found: the
 highest rate whose p99 of OK calls stays under 100 ms. Then, for each server in turn, the
 same phases: 0.8C, 1.5C, 3C and back to 0.5C (C being raw grpc.aio's, so both face the
-same load). Goodput is calls answered OK (within their deadline), per second; liveness
-is probed every 250 ms on a connection of its own, with a 1 s deadline.
+same load). Goodput is calls answered OK (within their deadline), per second.
+
+Liveness is probed every 250 ms from a process of its own (also on CPU 1), each probe on
+a new connection with a 1 s deadline for connecting and answering, as the kubelet's gRPC
+probe dials the pod anew each period: a probe is on time even when the load generator
+falls behind, and it measures what a restart decision would see.
 """
 
 from __future__ import annotations
@@ -95,17 +99,61 @@ class Server:
         return int(late[-1].split(":")[1]) if late else -1
 
 
-def load(port: int, protos: Path, phases: list[dict[str, float]]) -> list[dict[str, Any]]:
-    plan = {"deadline_ms": 200, "probe_every_ms": 250, "phases": phases}
+PROBE_EVERY = 0.25  # seconds between liveness probes
+PROBE_TIMEOUT = 1.0  # for connecting and answering
+
+
+def probe(target: str, seconds: float) -> list[dict[str, Any]]:
+    """Liveness probes for ``seconds``, one at a time, each on a new connection: when each
+    was sent (ms since the epoch), how long it took, and its status."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    probes = []
+    request = health_pb2.HealthCheckRequest(service="liveness")
+    end = time.monotonic() + seconds
+    due = time.monotonic()
+    while due < end:
+        time.sleep(max(0.0, due - time.monotonic()))
+        at, began = time.time() * 1000, time.monotonic()
+        # A new connection per probe, not the channel cache of grpc's Python layer.
+        with grpc.insecure_channel(target, options=[("grpc.use_local_subchannel_pool", 1)]) as channel:
+            try:
+                health_pb2_grpc.HealthStub(channel).Check(request, timeout=PROBE_TIMEOUT, wait_for_ready=True)
+                code, details = "OK", ""
+            except grpc.RpcError as exc:
+                code, details = exc.code().name, exc.details()  # type: ignore[attr-defined]
+        probes.append({"at": at, "ms": (time.monotonic() - began) * 1000, "code": code, "details": details})
+        due = max(due + PROBE_EVERY, time.monotonic())
+    return probes
+
+
+def load(target: str, protos: Path, phases: list[dict[str, float]], pin: bool = True) -> list[dict[str, Any]]:
+    """The open-loop ``phases`` against ``target``, and liveness probed throughout (both from
+    CPU 1 when ``pin``): per phase, what the load generator saw and the probes sent in it."""
+    plan = {"deadline_ms": 200, "phases": phases}
+    seconds = sum(p["seconds"] for p in phases)
+    on_cpu_1 = ["taskset", "-c", "1"] if pin else []
+    prober = subprocess.Popen(
+        [*on_cpu_1, sys.executable, str(Path(__file__).resolve()), "--probe", target, "--seconds", str(seconds + 1)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     result = subprocess.run(
-        ["taskset", "-c", "1", "node", str(CLIENT), f"127.0.0.1:{port}", str(protos), json.dumps(plan)],
+        [*on_cpu_1, "node", str(CLIENT), target, str(protos), json.dumps(plan)],
         env={**os.environ, "NODE_PATH": str(NODE_MODULES)},
         capture_output=True,
         text=True,
-        timeout=sum(p["seconds"] for p in phases) + 60,
+        timeout=seconds + 60,
         check=True,
     )
+    probes: list[dict[str, Any]] = json.loads(prober.communicate(timeout=60)[0])
     runs: list[dict[str, Any]] = json.loads(result.stdout)
+    # Each probe counts in the phase it was sent in (or, between two, the one before).
+    for index, run in enumerate(runs):
+        later = runs[index + 1]["began_at"] if index + 1 < len(runs) else float("inf")
+        begins = run["began_at"] if index else float("-inf")
+        run["probes"] = [p for p in probes if begins <= p["at"] < later]
     return runs
 
 
@@ -115,7 +163,7 @@ def capacity(kind: str, args: argparse.Namespace, protos: Path, workdir: Path) -
     try:
         rate, best = args.start_rate, 0.0
         while rate < 100_000:
-            (run,) = load(server.port, protos, [{"rate": rate, "seconds": 2}])
+            (run,) = load(f"127.0.0.1:{server.port}", protos, [{"rate": rate, "seconds": 2}])
             healthy = run["p99_ms"] is not None and run["p99_ms"] < 100 and run["ok"] >= 0.98 * run["sent"]
             if not healthy:
                 break
@@ -130,7 +178,7 @@ def measure(kind: str, c: float, args: argparse.Namespace, protos: Path, workdir
     server = Server(kind, args.burn_ms, args.sync, workdir / f"{kind.split()[0]}.log")
     try:
         phases = [{"rate": int(c * factor), "seconds": args.seconds} for _, factor in PHASES]
-        runs = load(server.port, protos, phases)
+        runs = load(f"127.0.0.1:{server.port}", protos, phases)
     finally:
         late = server.stop()
     return {"kind": kind, "late_starts": late, "phases": runs}
@@ -139,7 +187,7 @@ def measure(kind: str, c: float, args: argparse.Namespace, protos: Path, workdir
 def table(c: float, results: list[dict[str, Any]], seconds: float) -> str:
     lines = [
         f"capacity C = {c:g} calls/s (raw grpc.aio, p99 < 100 ms); each phase {seconds:g} s; 200 ms deadlines",
-        "| server | offered | goodput | p50 / p99 of OK (ms) | refused (UNAVAILABLE) | DEADLINE_EXCEEDED | "
+        "| server | offered (sent) | goodput | p50 / p99 of OK (ms) | refused (UNAVAILABLE) | DEADLINE_EXCEEDED | "
         "probes answered < 1 s (max ms) | late starts |",
         "|---|---|---|---|---|---|---|---|",
     ]
@@ -152,7 +200,7 @@ def table(c: float, results: list[dict[str, Any]], seconds: float) -> str:
             p50 = f"{run['p50_ms']:.0f}" if run["p50_ms"] is not None else "-"
             p99 = f"{run['p99_ms']:.0f}" if run["p99_ms"] is not None else "-"
             lines.append(
-                f"| {result['kind']} | {name} | {goodput:.2f}C | {p50} / {p99} | "
+                f"| {result['kind']} | {name} ({run['sent'] / run['seconds'] / c:.2f}C) | {goodput:.2f}C | {p50} / {p99} | "
                 f"{run['codes'].get('UNAVAILABLE', 0)} | {run['codes'].get('DEADLINE_EXCEEDED', 0)} | "
                 f"{answered}/{len(probes)} ({worst:.0f}) | "
                 + (f"{result['late_starts']} in all |" if name == PHASES[0][0] else "|")
@@ -195,7 +243,11 @@ def main() -> int:
     parser.add_argument("--capacity", type=float, help="skip the search: use this C")
     parser.add_argument("--figure", type=Path, help="write the goodput figure here (SVG)")
     parser.add_argument("--json", type=Path, help="write the raw results here")
+    parser.add_argument("--probe", metavar="TARGET", help=argparse.SUPPRESS)  # the prober's own process
     args = parser.parse_args()
+    if args.probe:
+        print(json.dumps(probe(args.probe, args.seconds)))
+        return 0
     assert shutil.which("node") and (NODE_MODULES / "@grpc" / "grpc-js").is_dir(), (
         "needs node and tests/node/node_modules: npm install --prefix tests/node"
     )

@@ -1,13 +1,14 @@
 // An open-loop gRPC load generator (grpc-js): calls start at a fixed rate whatever the
 // server does, each with a deadline, as real callers behave (a closed loop such as h2load
 // -c/-m waits for answers, so it slows down with the server and hides a collapse).
-// Health probes go on a connection of their own, as the kubelet's do.
+// Health probes come from a process of their own (bench/overload.py --probe), on time
+// whatever this one keeps up with.
 //
 // Usage: node overload_client.js TARGET DESCRIPTOR_SET PHASES_JSON
 //   DESCRIPTOR_SET: a FileDescriptorSet with helloworld.proto and grpc/health/v1/health.proto
 //   PHASES_JSON: {"deadline_ms": 200, "probe_every_ms": 250, "phases": [{"rate": 700, "seconds": 5}, ...]}
 // Prints one JSON object: per phase, the calls started, answered OK, the status mix, the
-// p50/p99 latency of OK calls, and the health probes' answers.
+// p50/p99 latency of OK calls, and when the phase began and stopped sending (ms since the epoch).
 "use strict";
 const grpc = require("@grpc/grpc-js");
 const loader = require("@grpc/proto-loader");
@@ -17,10 +18,8 @@ const [target, descriptorSet, phasesJson] = process.argv.slice(2);
 const plan = JSON.parse(phasesJson);
 const loaded = grpc.loadPackageDefinition(loader.loadFileDescriptorSetFromBuffer(fs.readFileSync(descriptorSet)));
 const { helloworld } = loaded;
-const health = loaded.grpc.health.v1;
 const options = { "grpc.max_concurrent_streams": 100000 };
 const client = new helloworld.Greeter(target, grpc.credentials.createInsecure(), options);
-const prober = new health.Health(target, grpc.credentials.createInsecure(), { "grpc.use_local_subchannel_pool": 1 });
 
 const now = () => Number(process.hrtime.bigint()) / 1e6; // ms
 
@@ -31,7 +30,8 @@ function percentile(sorted, p) {
 
 function runPhase(phase) {
   return new Promise((resolve) => {
-    const result = { rate: phase.rate, seconds: phase.seconds, sent: 0, ok: 0, codes: {}, latencies: [], probes: [] };
+    const result = { rate: phase.rate, seconds: phase.seconds, sent: 0, ok: 0, codes: {}, latencies: [] };
+    result.began_at = Date.now();
     let pending = 0;
     let sending = true;
     const start = now();
@@ -62,23 +62,14 @@ function runPhase(phase) {
       const elapsed = now() - start;
       if (elapsed >= phase.seconds * 1000) {
         clearInterval(tick);
-        clearInterval(probe);
         sending = false;
+        result.stopped_at = Date.now();
         finish();
         return;
       }
       const due = Math.floor((phase.rate * elapsed) / 1000) - result.sent;
       for (let i = 0; i < due; i++) call();
     }, 1);
-    const probe = setInterval(() => {
-      const began = now();
-      pending += 1;
-      prober.Check({ service: "liveness" }, { deadline: new Date(Date.now() + 1000) }, (err) => {
-        pending -= 1;
-        result.probes.push(err ? { ms: now() - began, code: grpc.status[err.code] } : { ms: now() - began, code: "OK" });
-        finish();
-      });
-    }, plan.probe_every_ms);
   });
 }
 
@@ -87,5 +78,4 @@ function runPhase(phase) {
   for (const phase of plan.phases) results.push(await runPhase(phase));
   process.stdout.write(JSON.stringify(results) + "\n");
   client.close();
-  prober.close();
 })();

@@ -2,36 +2,17 @@
 
 The handler burns 4 ms of CPU, so capacity is about 200 calls/s; the load offers about
 three times that between two calm phases.  Calls carry 200 ms deadlines, and liveness is
-probed every 250 ms on a connection of its own.
+probed every 250 ms from a process of its own, on a new connection each time.
 """
 
 from __future__ import annotations
 
-import json
-import os
 import signal
-import subprocess
 import urllib.request
 from pathlib import Path
 
-from bench.overload import descriptor_set
-from tests.helpers import NODE_CLIENTS, ROOT, Served, free_port
-
-CLIENT = ROOT / "bench" / "overload_client.js"
-
-
-def load(target: str, protos: Path, phases: list[dict[str, float]]) -> list[dict]:  # type: ignore[type-arg]
-    plan = {"deadline_ms": 200, "probe_every_ms": 250, "phases": phases}
-    result = subprocess.run(
-        ["node", str(CLIENT), target, str(protos), json.dumps(plan)],
-        env={**os.environ, "NODE_PATH": str(NODE_CLIENTS / "node_modules")},
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert result.returncode == 0, result.stderr
-    runs: list[dict] = json.loads(result.stdout)  # type: ignore[type-arg]
-    return runs
+from bench.overload import descriptor_set, load
+from tests.helpers import ROOT, Served, free_port
 
 
 def test_past_capacity_late_calls_never_run_shedding_comes_and_goes_and_health_answers(tmp_path: Path) -> None:
@@ -43,6 +24,7 @@ def test_past_capacity_late_calls_never_run_shedding_comes_and_goes_and_health_a
             served.target,
             descriptor_set(tmp_path),
             [{"rate": 100, "seconds": 2}, {"rate": 700, "seconds": 4}, {"rate": 100, "seconds": 2}],
+            pin=False,
         )
         with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as response:
             scraped = response.read().decode()
@@ -57,7 +39,9 @@ def test_past_capacity_late_calls_never_run_shedding_comes_and_goes_and_health_a
     assert overload["p50_ms"] is not None and overload["p50_ms"] < 100, overload  # FIFO past capacity: ~200
     # Shedding stopped with the load: the calm phase after is answered in full.
     assert after["codes"].get("UNAVAILABLE", 0) == 0 and after["ok"] >= 0.95 * after["sent"], after
-    # Liveness answered throughout, each probe within a second.
+    # Liveness answered throughout, each probe (a new connection, from a process of its
+    # own, every 250 ms) within a second.
+    assert len(overload["probes"]) >= 12, overload["probes"]
     for phase in (calm, overload, after):
         assert all(p["code"] == "OK" and p["ms"] < 1000 for p in phase["probes"]), phase["probes"]
     # No handler started after its call's deadline had passed.
@@ -65,3 +49,28 @@ def test_past_capacity_late_calls_never_run_shedding_comes_and_goes_and_health_a
     # Refused calls are counted by reason.
     refused = [line for line in scraped.splitlines() if line.startswith("meshrpc_server_refused")]
     assert any('reason="overload"' in line and not line.endswith(" 0.0") for line in refused), refused
+
+
+def test_liveness_answers_while_a_backlog_of_cheap_calls_waits_in_grpcs_queue(tmp_path: Path) -> None:
+    """A handler that does no work, offered several times what one process serves: the
+    backlog waits in grpc's own queue, before Python sees it.  Liveness probes (each a new
+    connection) must not wait in that queue: in one shared queue they waited behind it and
+    some came back CANCELLED."""
+    with Served(
+        "bench.overload_app:app", "--drain-delay", "0", env={"BURN_MS": "0", "PYTHONPATH": str(ROOT)}
+    ) as served:
+        served.wait_serving()
+        (flood, after) = load(
+            served.target,
+            descriptor_set(tmp_path),
+            [{"rate": 9000, "seconds": 4}, {"rate": 300, "seconds": 3}],
+            pin=False,
+        )
+        served.signal(signal.SIGTERM)
+        assert served.wait(20) == 0
+    # The server was past capacity: most calls expired waiting.
+    assert flood["codes"].get("DEADLINE_EXCEEDED", 0) > flood["sent"] / 4, flood
+    probes = flood["probes"] + after["probes"]
+    assert len(probes) >= 20, probes
+    failed = [p for p in probes if p["code"] != "OK" or p["ms"] >= 1000]
+    assert not failed, failed

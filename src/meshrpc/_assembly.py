@@ -109,7 +109,16 @@ def register(assembly: Assembly, app: App, config: Config, health: Health) -> No
     # Health and reflection get the same malformed-body and error mapping, but no
     # middleware and no concurrency limit: probes must always be answered.
     for service in describe(health.servicer):
-        table.add(service.name, {m.name: method_handler(m, intercepted=intercepted) for m in service.methods})
+        handlers = {m.name: method_handler(m, intercepted=intercepted) for m in service.methods}
+        table.add(service.name, handlers)
+        if service.name == HEALTH_SERVICE:
+            # Check alone is registered with grpc's core: a registered method's calls wait in
+            # a queue of their own there, so a liveness probe is not queued behind a backlog of
+            # the app's calls when the server is past capacity (in the one queue of
+            # unregistered calls, probes waited up to the callers' deadlines, and some were
+            # cancelled).  Each registered method adds a future grpc.aio's accept loop waits
+            # on for every call; one is what a probe's answer under overload costs.
+            assembly.server.add_registered_method_handlers(HEALTH_SERVICE, {"Check": handlers["Check"]})
     names = [*(s.name for s in app.services), HEALTH_SERVICE]
     if config.reflection:
         names = list(add_reflection(table, names, intercepted=intercepted))

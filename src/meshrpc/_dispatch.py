@@ -1,6 +1,6 @@
 """How grpc.aio finds meshrpc's handlers: one table, one dict lookup per RPC.
 
-Methods are not registered with grpc's core: grpc.aio waits on a pending request
+Methods are not registered with grpc's core (health's Check aside, see _assembly): grpc.aio waits on a pending request
 per registered method for every call it accepts, so each one would cost every RPC
 (figures in docs/design.md).
 """
