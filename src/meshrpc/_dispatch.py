@@ -1,8 +1,8 @@
 """How grpc.aio finds meshrpc's handlers: one table, one dict lookup per RPC.
 
-Methods are not registered with grpc's core (health's Check aside, see _assembly): grpc.aio waits on a pending request
-per registered method for every call it accepts, so each one would cost every RPC
-(figures in docs/design.md).
+Methods are not registered with grpc's core (health's Check aside, see _assembly):
+grpc.aio waits on a pending request per registered method for every call it accepts,
+so each one would cost every RPC (figures in docs/design.md).
 """
 
 from __future__ import annotations
