@@ -45,13 +45,11 @@ def free_port() -> int:
 
 def descriptor_set(directory: Path) -> Path:
     from google.protobuf import descriptor_pb2
-    from grpc_health.v1 import health_pb2
 
     from examples._generated.helloworld import helloworld_pb2
 
     files = descriptor_pb2.FileDescriptorSet()
-    for module in (helloworld_pb2, health_pb2):
-        files.file.add().ParseFromString(module.DESCRIPTOR.serialized_pb)
+    files.file.add().ParseFromString(helloworld_pb2.DESCRIPTOR.serialized_pb)
     path = directory / "protos.pb"
     path.write_bytes(files.SerializeToString())
     return path
@@ -139,15 +137,20 @@ def load(target: str, protos: Path, phases: list[dict[str, float]], pin: bool = 
         stdout=subprocess.PIPE,
         text=True,
     )
-    result = subprocess.run(
-        [*on_cpu_1, "node", str(CLIENT), target, str(protos), json.dumps(plan)],
-        env={**os.environ, "NODE_PATH": str(NODE_MODULES)},
-        capture_output=True,
-        text=True,
-        timeout=seconds + 60,
-        check=True,
-    )
-    probes: list[dict[str, Any]] = json.loads(prober.communicate(timeout=60)[0])
+    try:
+        result = subprocess.run(
+            [*on_cpu_1, "node", str(CLIENT), target, str(protos), json.dumps(plan)],
+            env={**os.environ, "NODE_PATH": str(NODE_MODULES)},
+            capture_output=True,
+            text=True,
+            timeout=seconds + 60,
+            check=True,
+        )
+        probes: list[dict[str, Any]] = json.loads(prober.communicate(timeout=60)[0])
+    finally:
+        if prober.poll() is None:  # the load generator failed: no prober left behind
+            prober.kill()
+            prober.wait()
     runs: list[dict[str, Any]] = json.loads(result.stdout)
     # Each probe counts in the phase it was sent in (or, between two, the one before).
     for index, run in enumerate(runs):

@@ -171,8 +171,8 @@ class LoadShedder:
         loop, before, cpu, rotated, ticks, waited_too_long = self._clock
         after = loop.time()
         # The process's CPU, not only the loop thread's: 'def' handlers burn theirs in the
-        # pool's threads, and the GIL makes one core the limit for both.  One read per tick:
-        # this tick's end is the next one's start.
+        # pool's threads, and the GIL makes one core the limit for both.  One read of each
+        # clock per tick: this tick's readings are the next one's start.
         cpu_now = time.process_time()
         self._busy.append((cpu_now - cpu) / max(after - before, 1e-6))
         if len(self._busy) == WINDOW:
@@ -193,9 +193,8 @@ class LoadShedder:
             rotated = after
             for budget in self.budgets:
                 budget.rotate()
-        now = loop.time()
-        self._clock = (loop, now, cpu_now, rotated, ticks, waited_too_long)
-        self._timer = loop.call_at(now + TICK, self._tick)
+        self._clock = (loop, after, cpu_now, rotated, ticks, waited_too_long)
+        self._timer = loop.call_at(after + TICK, self._tick)
 
     def observe(self, delay: float, target: float) -> None:
         """One sample of the loop's lateness: raise or lower the refused share."""
