@@ -49,6 +49,7 @@ def test_layer_and_soak_scripts_run() -> None:
     )
     assert layer.returncode == 0, layer.stderr
     assert "per message" in layer.stdout and "production profile" in layer.stdout
+    assert "no call sampled" in layer.stdout and "sampled 10 %" in layer.stdout
     assert "one no-op middleware" in layer.stdout
     soak = subprocess.run(
         [sys.executable, "bench/soak.py", "--rpcs", "2000"], cwd=ROOT, capture_output=True, text=True, timeout=300
