@@ -3,9 +3,14 @@ the same span contexts for dropped calls, and the SDK asked only for sampled one
 
 from __future__ import annotations
 
+import asyncio
+import json
+import logging
 import random
+from collections.abc import Iterator
 from typing import Any
 
+import grpc
 import pytest
 from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
@@ -23,7 +28,13 @@ from opentelemetry.sdk.trace.sampling import (
 )
 from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags, TraceState
 
+import meshrpc
+from examples._generated.echo import echo_pb2, echo_pb2_grpc
+from examples._generated.helloworld import helloworld_pb2, helloworld_pb2_grpc
+from meshrpc import testing
 from meshrpc._sampling import PreSampler
+from tests.apps.echo import app as echo_app
+from tests.test_telemetry import _reset_globals
 
 ATTRS = {"rpc.system": "grpc", "rpc.service": "echo.Echo", "rpc.method": "Unary"}
 
@@ -147,3 +158,73 @@ def test_only_meshrpc_s_tracer_draws_its_ids() -> None:
     span.end()
     assert len(spans.get_finished_spans()) == 2
     assert user.id_generator is made.id_generator  # the user's tracers keep the provider's generator
+
+
+class Traced(helloworld_pb2_grpc.GreeterServicer):
+    """Reports the span context it sees while serving, and what its outgoing call carried."""
+
+    def __init__(self) -> None:
+        self.channel: grpc.aio.Channel | None = None
+
+    async def SayHello(self, request: Any, context: Any) -> Any:
+        assert self.channel is not None
+        seen = trace.get_current_span().get_span_context()
+        await asyncio.sleep(random.random() / 100)  # the calls interleave on the loop
+        logging.getLogger("tests.traced").info("serving %s", request.name)
+        reply = await echo_pb2_grpc.EchoStub(self.channel).Unary(echo_pb2.EchoRequest(text="metadata"))
+        after = trace.get_current_span().get_span_context()
+        return helloworld_pb2.HelloReply(
+            message=json.dumps(
+                {
+                    "seen": [seen.trace_id, seen.span_id, int(seen.trace_flags), seen.is_valid],
+                    "after": [after.trace_id, after.span_id],
+                    "sent": json.loads(reply.text).get("traceparent"),
+                }
+            )
+        )
+
+
+@pytest.fixture
+def dropping() -> Iterator[InMemorySpanExporter]:
+    """A global SDK whose sampler drops every new trace and follows an incoming parent."""
+    _reset_globals()
+    made, spans = provider(ParentBasedTraceIdRatio(0.0))
+    trace.set_tracer_provider(made)
+    try:
+        yield spans
+    finally:
+        _reset_globals()
+
+
+async def test_a_served_call_that_is_dropped_still_has_its_trace_everywhere(
+    dropping: InMemorySpanExporter, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A real server's dropped calls, 20 at once: each handler sees its own trace id and span
+    id, its log lines and outgoing calls carry them (not sampled), and nothing leaks out."""
+    caplog.handler.addFilter(meshrpc.TraceContextFilter())
+    traced = Traced()
+    incoming_parent = f"00-{'ab' * 16}-{'cd' * 8}-00"  # an unsampled caller
+    async with testing.running(echo_app) as back, testing.running(meshrpc.App("front", services=[traced])) as front:
+        traced.channel = grpc.aio.insecure_channel(back.target, interceptors=[meshrpc.OutboundInterceptor()])
+        stub = helloworld_pb2_grpc.GreeterStub(front.channel)
+        with caplog.at_level(logging.INFO, logger="tests.traced"):
+            replies = await asyncio.gather(
+                *(stub.SayHello(helloworld_pb2.HelloRequest(name=str(i))) for i in range(19)),
+                stub.SayHello(helloworld_pb2.HelloRequest(name="child"), metadata=(("traceparent", incoming_parent),)),
+            )
+        await traced.channel.close()
+    assert not trace.get_current_span().get_span_context().is_valid  # nothing current out here
+    assert dropping.get_finished_spans() == ()  # none sampled: the SDK made no span
+    results = [json.loads(r.message) for r in replies]
+    for result in results:
+        trace_id, span_id, flags, valid = result["seen"]
+        assert valid and not flags & TraceFlags.SAMPLED
+        assert result["after"] == [trace_id, span_id]  # the same span all through the handler
+        _, sent_trace, sent_parent, sent_flags = result["sent"].split("-")
+        # the outgoing call continues this call's trace, from this call's span, not sampled
+        assert (int(sent_trace, 16), int(sent_parent, 16)) == (trace_id, span_id)
+        assert not int(sent_flags, 16) & TraceFlags.SAMPLED
+    assert len({r["seen"][0] for r in results}) == 20  # 19 new traces and the caller's
+    assert results[-1]["seen"][0] == int("ab" * 16, 16) and results[-1]["seen"][1] != int("cd" * 8, 16)
+    logged = {r.getMessage().split()[-1]: r.trace_id for r in caplog.records if r.name == "tests.traced"}  # type: ignore[attr-defined]
+    assert logged == {str(i) if i < 19 else "child": f"{r['seen'][0]:032x}" for i, r in enumerate(results)}
