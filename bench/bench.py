@@ -7,7 +7,8 @@ there); h2load (Debian's nghttp2-client) sends unary gRPC calls from CPU 1.
 Rounds alternate the contenders so that machine noise hits all of them alike;
 the table gives medians of requests/s and server CPU time per RPC, and each
 contender's ratio to raw grpc.aio: the median, over the rounds, of its figure
-over raw's in the same round.
+over raw's in the same round; under the table, each round's ratio, the spread
+behind each median.
 """
 
 from __future__ import annotations
@@ -271,6 +272,24 @@ def floor_lines(cpu_ratio: dict[str, float], base_cpu: float, loop_floor: float 
     return ["", *lines] if lines else []
 
 
+def round_lines(field: list[Contender], results: dict[str, list[Result]]) -> list[str]:
+    """Each contender's throughput over raw's, round by round: the spread behind each median.
+
+    On a noisy machine single rounds differ by more than the contenders do; a median says
+    which side of a line a contender is on only when most of its rounds are.
+    """
+    if len(results[field[0].name]) < 2:
+        return []
+    baseline = results[field[0].name]
+    lines = ["", "Each round's req/s over raw grpc.aio's, in round order:"]
+    for contender in field[1:]:
+        ratios = [r.rps / b.rps for r, b in zip(results[contender.name], baseline, strict=True)]
+        lines.append(
+            f"- {contender.name}: {' '.join(f'{x:.3f}' for x in ratios)} (from {min(ratios):.3f} to {max(ratios):.3f})"
+        )
+    return lines
+
+
 def median(values: list[float]) -> float:
     return statistics.median(values)
 
@@ -336,6 +355,7 @@ def run_all(
                 f"| {rss:>6.1f} |"
             )
         lines += floor_lines(cpu_ratio, base_cpu, floor)
+        lines += round_lines(field, results)
         tables.append("\n".join(lines))
         charts.append((workload.name, ratios))
     return tables, charts
