@@ -42,6 +42,10 @@ CONTENDERS = {
     # sampling, nothing else), and the SDK-only floor: the bars for "production".
     "lean": [sys.executable, "-m", "bench.servers", "raw-lean-production", "{port}"],
     "floor": [sys.executable, "-m", "bench.servers", "raw-production-floor", "{port}"],
+    # The bars for "tracing": the contrib instrumentor, and the SDK's own floor with every
+    # call traced (the least SDK work, inline in raw handlers).
+    "contrib": [sys.executable, "-m", "bench.servers", "raw-otel-contrib", "{port}"],
+    "tracing-floor": [sys.executable, "-m", "bench.servers", "raw-sdk-floor", "{port}"],
 }
 
 
