@@ -272,21 +272,18 @@ def floor_lines(cpu_ratio: dict[str, float], base_cpu: float, loop_floor: float 
     return ["", *lines] if lines else []
 
 
-def round_lines(field: list[Contender], results: dict[str, list[Result]]) -> list[str]:
-    """Each contender's throughput over raw's, round by round: the spread behind each median.
+def round_lines(per_round: dict[str, list[float]]) -> list[str]:
+    """Each contender's throughput over raw's, round by round (``per_round``, raw's own
+    left out): the spread behind each median.
 
     On a noisy machine single rounds differ by more than the contenders do; a median says
     which side of a line a contender is on only when most of its rounds are.
     """
-    if len(results[field[0].name]) < 2:
+    if not per_round or len(next(iter(per_round.values()))) < 2:
         return []
-    baseline = results[field[0].name]
     lines = ["", "Each round's req/s over raw grpc.aio's, in round order:"]
-    for contender in field[1:]:
-        ratios = [r.rps / b.rps for r, b in zip(results[contender.name], baseline, strict=True)]
-        lines.append(
-            f"- {contender.name}: {' '.join(f'{x:.3f}' for x in ratios)} (from {min(ratios):.3f} to {max(ratios):.3f})"
-        )
+    for name, ratios in per_round.items():
+        lines.append(f"- {name}: {' '.join(f'{x:.3f}' for x in ratios)} (from {min(ratios):.3f} to {max(ratios):.3f})")
     return lines
 
 
@@ -337,6 +334,7 @@ def run_all(
         ]
         cpu_ratio: dict[str, float] = {}
         ratios: list[tuple[str, float, float]] = []
+        per_round: dict[str, list[float]] = {}
         baseline = results[field[0].name]
         for contender in field:
             mine = results[contender.name]
@@ -345,7 +343,10 @@ def run_all(
             rss = median([r.rss_mb for r in mine])
             # Paired: each round's figure over raw's in the same round, then the median of
             # those ratios, so that the machine's drift between rounds cancels out.
-            rps_vs = median([r.rps / b.rps for r, b in zip(mine, baseline, strict=True)])
+            rounds = [r.rps / b.rps for r, b in zip(mine, baseline, strict=True)]
+            rps_vs = median(rounds)
+            if contender is not field[0]:
+                per_round[contender.name] = rounds
             cpu_vs = cpu_ratio[contender.name] = median(
                 [r.cpu_us_per_rpc / b.cpu_us_per_rpc for r, b in zip(mine, baseline, strict=True)]
             )
@@ -355,7 +356,7 @@ def run_all(
                 f"| {rss:>6.1f} |"
             )
         lines += floor_lines(cpu_ratio, base_cpu, floor)
-        lines += round_lines(field, results)
+        lines += round_lines(per_round)
         tables.append("\n".join(lines))
         charts.append((workload.name, ratios))
     return tables, charts
