@@ -26,6 +26,19 @@ LOG_DIR = Path(os.environ.get("TMPDIR", "/tmp"))
 _SERVING = re.compile(r"serving app \S+ on [^\s:]+:(\d+)")
 
 
+def reset_otel_globals() -> None:
+    """Forget the installed OpenTelemetry providers, as OpenTelemetry's own test utilities do:
+    a provider can be set once per process, and the tests each install their own."""
+    from opentelemetry import trace
+    from opentelemetry.metrics import _internal as metrics_internal
+    from opentelemetry.util._once import Once
+
+    trace._TRACER_PROVIDER_SET_ONCE = Once()  # type: ignore[attr-defined]
+    trace._TRACER_PROVIDER = None  # type: ignore[attr-defined]
+    metrics_internal._METER_PROVIDER_SET_ONCE = Once()
+    metrics_internal._METER_PROVIDER = None
+
+
 async def eventually(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
     """Wait until ``predicate()`` holds, polling the event loop; fail after ``timeout``."""
     for _ in range(int(timeout / 0.005)):

@@ -34,7 +34,7 @@ from examples._generated.helloworld import helloworld_pb2, helloworld_pb2_grpc
 from meshrpc import testing
 from meshrpc._sampling import PreSampler
 from tests.apps.echo import app as echo_app
-from tests.test_telemetry import _reset_globals
+from tests.helpers import reset_otel_globals
 
 ATTRS = {"rpc.system": "grpc", "rpc.service": "echo.Echo", "rpc.method": "Unary"}
 
@@ -187,13 +187,13 @@ class Traced(helloworld_pb2_grpc.GreeterServicer):
 @pytest.fixture
 def dropping() -> Iterator[InMemorySpanExporter]:
     """A global SDK whose sampler drops every new trace and follows an incoming parent."""
-    _reset_globals()
+    reset_otel_globals()
     made, spans = provider(ParentBasedTraceIdRatio(0.0))
     trace.set_tracer_provider(made)
     try:
         yield spans
     finally:
-        _reset_globals()
+        reset_otel_globals()
 
 
 async def test_a_served_call_that_is_dropped_still_has_its_trace_everywhere(

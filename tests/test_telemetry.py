@@ -19,27 +19,16 @@ from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
-from opentelemetry.util._once import Once
 
 import meshrpc
 from examples._generated.echo import echo_pb2, echo_pb2_grpc
 from examples._generated.helloworld import helloworld_pb2, helloworld_pb2_grpc
 from meshrpc import testing
 from tests.apps.echo import Echo, app
-from tests.helpers import Served
+from tests.helpers import Served, reset_otel_globals
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 PARENT_ID = "00f067aa0ba902b7"
-
-
-def _reset_globals() -> None:
-    # What OpenTelemetry's own test utilities do: providers can be set once per process.
-    trace._TRACER_PROVIDER_SET_ONCE = Once()  # type: ignore[attr-defined]
-    trace._TRACER_PROVIDER = None  # type: ignore[attr-defined]
-    import opentelemetry.metrics._internal as metrics_internal
-
-    metrics_internal._METER_PROVIDER_SET_ONCE = Once()
-    metrics_internal._METER_PROVIDER = None
 
 
 class Otel:
@@ -67,15 +56,15 @@ class Otel:
 
 @pytest.fixture
 def otel() -> Iterator[Otel]:
-    _reset_globals()
+    reset_otel_globals()
     try:
         yield Otel()
     finally:
-        _reset_globals()
+        reset_otel_globals()
 
 
 async def test_no_sdk_means_nothing_observes_the_rpcs() -> None:
-    _reset_globals()
+    reset_otel_globals()
     async with testing.running(app) as server:
         assert server.server.assembly is not None and server.server.assembly.observed is False
 
@@ -264,7 +253,7 @@ async def test_outbound_interceptor_connects_the_trace(otel: Otel) -> None:
 
 
 async def test_outgoing_metadata_without_sdk_forwards_the_mesh_headers() -> None:
-    _reset_globals()
+    reset_otel_globals()
     front = Front()
     async with testing.running(app) as back, testing.running(meshrpc.App("front", services=[front])) as server:
         front.channel = grpc.aio.insecure_channel(back.target, interceptors=[meshrpc.OutboundInterceptor()])
@@ -285,7 +274,7 @@ async def test_outgoing_metadata_without_sdk_forwards_the_mesh_headers() -> None
 
 
 async def test_access_log_json(caplog: pytest.LogCaptureFixture) -> None:
-    _reset_globals()
+    reset_otel_globals()
     with caplog.at_level(logging.INFO, logger="meshrpc.access"):
         async with testing.running(app, access_log="json") as server:
             await echo_pb2_grpc.EchoStub(server.channel).Unary(
@@ -297,7 +286,7 @@ async def test_access_log_json(caplog: pytest.LogCaptureFixture) -> None:
 
 
 async def test_access_log_is_off_by_default_and_sampled(caplog: pytest.LogCaptureFixture) -> None:
-    _reset_globals()
+    reset_otel_globals()
     with caplog.at_level(logging.INFO, logger="meshrpc.access"):
         async with testing.running(app) as server:
             await echo_pb2_grpc.EchoStub(server.channel).Unary(echo_pb2.EchoRequest(text="x"))
