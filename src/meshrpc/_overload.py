@@ -76,10 +76,15 @@ class LoadShedder:
 
     __slots__ = (
         "_busy",
-        "_clock",
         "_cpu_saturated",
+        "_last_cpu",
+        "_last_tick",
+        "_loop",
+        "_rotated",
         "_samples",
+        "_ticks",
         "_timer",
+        "_waited_too_long",
         "budgets",
         "delay",
         "late",
@@ -103,9 +108,13 @@ class LoadShedder:
         self._busy: collections.deque[float] = collections.deque(maxlen=WINDOW)
         self._cpu_saturated = False
         self._timer: asyncio.TimerHandle | None = None
-        # The sampler's state between ticks: the loop, the last tick's time and CPU reading,
-        # the last budget rotation, ticks so far, and the last interval's verdict.
-        self._clock: tuple[Any, float, float, float, int, bool] | None = None
+        # The sampler's state between ticks, set by start(): the loop's time and the process's
+        # CPU time at the last tick, the last budget rotation, ticks so far, the last
+        # interval's verdict on the waits.
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._last_tick = self._last_cpu = self._rotated = 0.0
+        self._ticks = 0
+        self._waited_too_long = False
         self.saturated = False  # every call of the last interval waited longer than the target
         self.budgets: list[Budget] = []  # one per method, rotated by the sampler
 
@@ -153,10 +162,11 @@ class LoadShedder:
 
     def start(self) -> None:
         if self.target is not None and self._timer is None:
-            loop = asyncio.get_running_loop()
-            now = loop.time()
-            self._clock = (loop, now, time.process_time(), now, 0, False)
-            self._timer = loop.call_at(now + TICK, self._tick)
+            loop = self._loop = asyncio.get_running_loop()
+            self._last_tick = self._rotated = loop.time()
+            self._last_cpu = time.process_time()
+            self._ticks, self._waited_too_long = 0, False
+            self._timer = loop.call_at(self._last_tick + TICK, self._tick)
 
     async def stop(self) -> None:
         timer, self._timer = self._timer, None
@@ -166,34 +176,33 @@ class LoadShedder:
     def _tick(self) -> None:
         """One sample, TICK after the last: a timer callback (no task, future or sleep per
         tick), reading the process's CPU once per tick."""
-        target = self.target
-        assert target is not None and self._clock is not None
-        loop, before, cpu, rotated, ticks, waited_too_long = self._clock
-        after = loop.time()
+        target, loop = self.target, self._loop
+        assert target is not None and loop is not None
+        before, after = self._last_tick, loop.time()
         # The process's CPU, not only the loop thread's: 'def' handlers burn theirs in the
         # pool's threads, and the GIL makes one core the limit for both.  One read of each
         # clock per tick: this tick's readings are the next one's start.
         cpu_now = time.process_time()
-        self._busy.append((cpu_now - cpu) / max(after - before, 1e-6))
+        self._busy.append((cpu_now - self._last_cpu) / max(after - before, 1e-6))
+        self._last_tick, self._last_cpu = after, cpu_now
         if len(self._busy) == WINDOW:
             if min(self._busy) >= BUSY:
                 self._cpu_saturated = True
             elif max(self._busy) < IDLE:
                 self._cpu_saturated = False
-        ticks += 1
-        if ticks % INTERVAL == 0:
+        self._ticks += 1
+        if self._ticks % INTERVAL == 0:
             # Even the shortest wait of the interval was too long; not when no call with
             # a deadline came (the loop's own queue covers those).
-            waited_too_long = target < self.min_wait < float("inf")
+            self._waited_too_long = target < self.min_wait < float("inf")
             self.min_wait = float("inf")
-        self.saturated = self._cpu_saturated or waited_too_long
+        self.saturated = self._cpu_saturated or self._waited_too_long
         self.observe(max(0.0, after - before - TICK), target)
-        if after - rotated >= BUDGET_WINDOW and not self.saturated:
+        if after - self._rotated >= BUDGET_WINDOW and not self.saturated:
             # Not while saturated: every call then waits, and the estimate would shrink to match.
-            rotated = after
+            self._rotated = after
             for budget in self.budgets:
                 budget.rotate()
-        self._clock = (loop, after, cpu_now, rotated, ticks, waited_too_long)
         self._timer = loop.call_at(after + TICK, self._tick)
 
     def observe(self, delay: float, target: float) -> None:
