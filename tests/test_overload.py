@@ -12,6 +12,7 @@ import threading
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 from bench.overload import descriptor_set, load
 from tests.helpers import ROOT, Served, free_port
@@ -83,7 +84,7 @@ def test_sigterm_past_capacity_drains_and_exits_cleanly(tmp_path: Path) -> None:
     under a normal load (liveness keeps answering, no handler starts late, nothing fails
     with a server error) and the process exits 0, well inside its grace period."""
     env = {"BURN_MS": "4", "PYTHONPATH": str(ROOT)}
-    runs: list[dict] = []  # type: ignore[type-arg]
+    runs: list[dict[str, Any]] = []
     with Served("bench.overload_app:app", "--drain-delay", "0", "--grace", "5", env=env) as served:
         served.wait_serving()
         loader = threading.Thread(
