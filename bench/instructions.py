@@ -38,6 +38,8 @@ CONTENDERS = {
     "middleware": [sys.executable, "-m", "bench.servers", "meshrpc-middleware", "{port}"],
     "production": [sys.executable, "-m", "bench.servers", "meshrpc-production", "{port}"],
     "tracing": [sys.executable, "-m", "bench.servers", "meshrpc-traced", "{port}"],
+    # The same tracing through a TracerProvider the application built: the SDK's own spans.
+    "tracing-user-provider": [sys.executable, "-m", "bench.servers", "meshrpc-traced-user-provider", "{port}"],
     # The production profile's telemetry inline in raw handlers (meshrpc's aggregates and
     # sampling, nothing else), and the SDK-only floor: the bars for "production".
     "lean": [sys.executable, "-m", "bench.servers", "raw-lean-production", "{port}"],

@@ -9,7 +9,8 @@ raw-sdk-floor     raw grpc.aio whose handlers do, inline, the least tracing work
                   and a duration histogram
 raw-lean-production  raw grpc.aio with the production profile's telemetry inline, done with
                   meshrpc's techniques (histograms outside the SDK, sampling before it)
-meshrpc-traced    meshrpc with every RPC traced into a batch processor and a no-op exporter
+meshrpc-traced    meshrpc with every RPC traced (otel_sdk, always_on) into a batch processor and a no-op exporter;
+                  meshrpc-traced-user-provider: the same SDK set up by the application (the SDK's spans)
 meshrpc-middleware  meshrpc with one no-op middleware (what the middleware chain costs)
 meshrpc-production  meshrpc as a cluster runs it: the SDK set up by meshrpc from OTEL_* (otel_sdk),
                   metrics always on (periodic reader), traces sampled ParentBased(TraceIdRatio
@@ -309,11 +310,35 @@ async def raw_otel_contrib(port: int) -> None:
     await raw(port)
 
 
+# Full tracing as OTEL_* variables: every span sampled, batched and exported to nowhere,
+# no metrics.
+TRACING_OTEL = {
+    "OTEL_TRACES_SAMPLER": "always_on",
+    "OTEL_TRACES_EXPORTER": "bench_noop",
+    "OTEL_METRICS_EXPORTER": "none",
+}
+
+
 async def meshrpc_traced(port: int) -> None:
+    import os
+
     from bench.app import app
 
-    tracing_sdk()
+    # meshrpc sets up the SDK from the OTEL_* variables (otel_sdk), as in a cluster; the
+    # tracing floor and the contrib contender get the same SDK set up by hand (tracing_sdk).
+    os.environ.update({k: v for k, v in TRACING_OTEL.items() if k not in os.environ})
+    sys.path.insert(0, str(PLUGINS))
     # As `meshrpc serve` runs it: meshrpc owns the loop and handles SIGTERM.
+    base = {"host": "127.0.0.1", "port": port, "mesh": "none", "drain_delay": 0.0, "log_level": "warning"}
+    config = app.config.replace(**{**base, "otel_sdk": True, **_env()})
+    await app.serve(config, install_signal_handlers=True)
+
+
+async def meshrpc_traced_user_provider(port: int) -> None:
+    from bench.app import app
+
+    # The same tracing with a provider the application built (tracing_sdk): the SDK's own spans.
+    tracing_sdk()
     base = {"host": "127.0.0.1", "port": port, "mesh": "none", "drain_delay": 0.0, "log_level": "warning"}
     config = app.config.replace(**{**base, **_env()})
     await app.serve(config, install_signal_handlers=True)
@@ -414,6 +439,7 @@ CONTENDERS = {
     "raw-production-floor": raw_production_floor,
     "raw-lean-production": raw_lean_production,
     "meshrpc-traced": meshrpc_traced,
+    "meshrpc-traced-user-provider": meshrpc_traced_user_provider,
     "meshrpc-middleware": meshrpc_middleware,
     "meshrpc-production": meshrpc_production,
     "grpclib": grpclib_server,

@@ -18,7 +18,10 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
 from opentelemetry.sdk.trace.sampling import (
+    ALWAYS_OFF,
     ALWAYS_ON,
+    DEFAULT_OFF,
+    DEFAULT_ON,
     Decision,
     ParentBased,
     ParentBasedTraceIdRatio,
@@ -138,13 +141,39 @@ def test_an_incoming_parent_gives_what_the_sdk_gives(sampler: Sampler, sampled: 
 
 def test_other_samplers_are_left_to_the_sdk() -> None:
     for sampler in (
-        ALWAYS_ON,
+        # the SDK's static samplers are known by identity: these describe themselves alike
+        StaticSampler(Decision.RECORD_ONLY),
         StaticSampler(Decision.DROP),
+        ParentBased(ALWAYS_ON),
         ParentBased(TraceIdRatioBased(0.1), remote_parent_not_sampled=ALWAYS_ON),
     ):
         made, _ = provider(sampler)
         assert PreSampler.for_tracer(made.get_tracer("meshrpc")) is None, sampler.get_description()
     assert PreSampler.for_tracer(trace.NoOpTracer()) is None
+
+
+@pytest.mark.parametrize(
+    "sampler", [ALWAYS_ON, ALWAYS_OFF, DEFAULT_ON, DEFAULT_OFF], ids=lambda s: s.get_description()[:40]
+)
+@pytest.mark.parametrize("incoming", ["none", "sampled", "unsampled"])
+def test_the_sdk_s_static_samplers_are_decided_as_the_sdk_decides(sampler: Sampler, incoming: str) -> None:
+    """always_on, always_off and their parent-based forms (parentbased_always_on is the SDK's
+    default sampler): the same decision, trace id, flags and trace state as the SDK's span."""
+    made, _ = provider(sampler)
+    presampler = PreSampler.for_tracer(made.get_tracer("meshrpc"))
+    assert presampler is not None
+    sdk_tracer = made.get_tracer("sdk")
+    context = None if incoming == "none" else parent(incoming == "sampled", "vendor=abc")
+    for _ in range(50):
+        ours = presampler.start("x", context, lambda peer: ATTRS, peer)
+        theirs = sdk_tracer.start_span("x", context=context, kind=trace.SpanKind.SERVER, attributes=ATTRS)
+        a, b = ours.get_span_context(), theirs.get_span_context()
+        assert (a.trace_flags, a.trace_state, a.is_remote) == (b.trace_flags, b.trace_state, b.is_remote)
+        assert ours.is_recording() is theirs.is_recording()
+        if context is not None:
+            assert a.trace_id == b.trace_id
+        ours.end()
+        theirs.end()
 
 
 def test_only_meshrpc_s_tracer_draws_its_ids() -> None:

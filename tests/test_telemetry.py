@@ -15,8 +15,8 @@ from opentelemetry import metrics, propagate, trace
 from opentelemetry.propagators.b3 import B3MultiFormat
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
-from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace import ReadableSpan, SpanLimits, TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
 
@@ -24,6 +24,7 @@ import meshrpc
 from examples._generated.echo import echo_pb2, echo_pb2_grpc
 from examples._generated.helloworld import helloworld_pb2, helloworld_pb2_grpc
 from meshrpc import testing
+from meshrpc._spans import Pipeline
 from tests.apps.echo import Echo, app
 from tests.helpers import Served, reset_otel_globals
 
@@ -32,15 +33,25 @@ PARENT_ID = "00f067aa0ba902b7"
 
 
 class Otel:
-    def __init__(self) -> None:
+    """A tracer provider the application built (``sdk``: the SDK's spans), or as meshrpc's
+    ``otel_sdk`` builds it (``pipeline``: meshrpc's own server spans, batched)."""
+
+    def __init__(self, kind: str = "sdk") -> None:
         self.spans = InMemorySpanExporter()
-        provider = TracerProvider()
-        provider.add_span_processor(SimpleSpanProcessor(self.spans))
+        if kind == "pipeline":
+            limits = SpanLimits()
+            provider = TracerProvider(span_limits=limits, active_span_processor=Pipeline(limits))
+            provider.add_span_processor(BatchSpanProcessor(self.spans))
+        else:
+            provider = TracerProvider()
+            provider.add_span_processor(SimpleSpanProcessor(self.spans))
+        self.provider = provider
         self.reader = InMemoryMetricReader()
         trace.set_tracer_provider(provider)
         metrics.set_meter_provider(MeterProvider(metric_readers=[self.reader]))
 
     def finished(self, name: str) -> list[ReadableSpan]:
+        self.provider.force_flush()
         return [s for s in self.spans.get_finished_spans() if s.name == name]
 
     def points(self, metric_name: str) -> list[Any]:
@@ -54,11 +65,11 @@ class Otel:
         return found
 
 
-@pytest.fixture
-def otel() -> Iterator[Otel]:
+@pytest.fixture(params=["sdk", "pipeline"])
+def otel(request: pytest.FixtureRequest) -> Iterator[Otel]:
     reset_otel_globals()
     try:
-        yield Otel()
+        yield Otel(request.param)
     finally:
         reset_otel_globals()
 

@@ -14,6 +14,7 @@ from typing import Any
 
 from ._aggregates import Aggregates, histogram_temporality_is_delta, with_aggregates
 from ._errors import ConfigError
+from ._spans import Pipeline
 
 logger = logging.getLogger("meshrpc.telemetry")
 
@@ -75,7 +76,7 @@ def configure_sdk(
         from opentelemetry.sdk.metrics import MeterProvider
         from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
         from opentelemetry.sdk.resources import SERVICE_NAME
-        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace import SpanLimits, TracerProvider
         from opentelemetry.sdk.trace.export import BatchSpanProcessor
     except ImportError:
         raise ConfigError(
@@ -84,7 +85,15 @@ def configure_sdk(
         ) from None
 
     resource = service_resource(service_name)
-    tracer_provider = TracerProvider(resource=resource)  # sampler from OTEL_TRACES_SAMPLER
+    # The span limits from OTEL_*_LIMIT, as the provider reads them when given none, and a
+    # span pipeline that lets meshrpc hand its server spans to the BatchSpanProcessors
+    # itself while they are the only processors (see _spans).
+    limits = SpanLimits()
+    sdk_metrics = environ.get("OTEL_PYTHON_SDK_INTERNAL_METRICS_ENABLED", "").strip().lower() == "true"
+    pipeline = Pipeline(limits, sdk_metrics=sdk_metrics)
+    tracer_provider = TracerProvider(  # sampler from OTEL_TRACES_SAMPLER
+        resource=resource, span_limits=limits, active_span_processor=pipeline
+    )
     for _, exporter in _exporters(
         "opentelemetry_traces_exporter", environ.get("OTEL_TRACES_EXPORTER", "otlp"), _protocol(environ, "TRACES")
     ):
@@ -100,15 +109,22 @@ def configure_sdk(
             _protocol(environ, "METRICS"),
         )
     ]
-    aggregates.resource = resource
-    meter_provider = aggregates.provider = MeterProvider(resource=resource, metric_readers=[*readers, *extra_readers])
     trace.set_tracer_provider(tracer_provider)
-    metrics.set_meter_provider(meter_provider)
+    meter_provider = None
+    if readers or extra_readers:
+        aggregates.resource = resource
+        meter_provider = aggregates.provider = MeterProvider(
+            resource=resource, metric_readers=[*readers, *extra_readers]
+        )
+        metrics.set_meter_provider(meter_provider)
+    # else OTEL_METRICS_EXPORTER=none and no /metrics: no reader would ever collect, so no
+    # MeterProvider, and no metric is recorded on any call.
     logger.info("OpenTelemetry SDK set up for service %s", resource.attributes.get(SERVICE_NAME))
 
     def shutdown() -> None:
         tracer_provider.shutdown()
-        meter_provider.shutdown()
+        if meter_provider is not None:
+            meter_provider.shutdown()
 
     return shutdown
 

@@ -13,8 +13,13 @@ lines still carry the trace id and its outgoing calls still say "not sampled".
 A new trace's id is drawn before the decision, from the tracer's own id generator;
 when the call is sampled, the SDK must give the span that same id, so meshrpc's
 tracer (its own object, from ``get_tracer``) draws trace ids through `_Drawn`, which
-returns the id meshrpc drew.  Any other sampler, or a tracer that is not the SDK's,
-and every call goes to the SDK as before.
+returns the id meshrpc drew.  The SDK's static samplers (``always_on``, ``always_off``
+and their parent-based forms, ``parentbased_always_on`` being the SDK's default) are
+decided the same way, as a ratio of 1 or 0.  Any other sampler, or a tracer that is
+not the SDK's, and every call goes to the SDK as before.
+
+A sampled call's span is the SDK's, or, when meshrpc built the TracerProvider, a
+`ServerSpan` of its own with the same content (see _spans).
 """
 
 from __future__ import annotations
@@ -28,6 +33,8 @@ from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, TraceFlags
 
+from ._spans import ServerSpans
+
 # The SDK's ParentBased description when every parent delegate is the default one:
 # a sampled parent means sampled, an unsampled one means dropped, remote or local.
 _PARENT_BASED = re.compile(
@@ -36,6 +43,7 @@ _PARENT_BASED = re.compile(
     r"localParentSampled:AlwaysOnSampler,localParentNotSampled:AlwaysOffSampler\}"
 )
 _LOW_64 = (1 << 64) - 1  # TraceIdRatioBased.TRACE_ID_LIMIT: the bits its rule reads
+_ALL = 1 << 64  # a bound every trace id's low 64 bits are under: TraceIdRatioBased(1.0)'s
 # W3C trace context level 2's random-trace-id flag, which the SDK sets (not in older APIs).
 _RANDOM_FLAG = int(getattr(TraceFlags, "RANDOM_TRACE_ID", 0))
 
@@ -89,30 +97,48 @@ class _Dropped(NonRecordingSpan):
 class PreSampler:
     """Starts a server span, deciding sampling first (see the module's docstring)."""
 
-    def __init__(self, tracer: Any, bound: int, parent_based: bool) -> None:
+    def __init__(self, tracer: Any, bound: int, parent_based: bool, spans: ServerSpans | None = None) -> None:
         self.tracer: trace.Tracer = tracer
         self.bound = bound
         self.parent_based = parent_based
+        self.spans = spans  # meshrpc's own sampled spans, when meshrpc built the provider
         self.ids = _Drawn(tracer.id_generator)
         tracer.id_generator = self.ids  # meshrpc's own tracer object: no one else's spans
         # Read once: asked on every call.
         self._trace_id = self.ids.inner.generate_trace_id
         self._span_id = self.ids.inner.generate_span_id
         self._new_trace_flags = TraceFlags(_RANDOM_FLAG if self.ids.is_trace_id_random() else 0)
+        self._new_trace_sampled = TraceFlags(self._new_trace_flags | TraceFlags.SAMPLED)
 
     @classmethod
     def for_tracer(cls, tracer: Any) -> PreSampler | None:
         """A PreSampler for ``tracer``'s sampler, or None when only the SDK can decide."""
         try:
             from opentelemetry.sdk.trace import Tracer
-            from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
+            from opentelemetry.sdk.trace.sampling import (
+                ALWAYS_OFF,
+                ALWAYS_ON,
+                DEFAULT_OFF,
+                DEFAULT_ON,
+                ParentBased,
+                TraceIdRatioBased,
+            )
         except ImportError:
             return None
         if type(tracer) is not Tracer:
             return None
         sampler = getattr(tracer, "sampler", None)
+        spans = ServerSpans.for_tracer(tracer)
         if type(sampler) is TraceIdRatioBased:
-            return cls(tracer, sampler.bound, parent_based=False)
+            return cls(tracer, sampler.bound, parent_based=False, spans=spans)
+        # The SDK's own static samplers (OTEL_TRACES_SAMPLER always_on, parentbased_always_on,
+        # the default, and their "off"s), known by identity: a StaticSampler of another
+        # decision (RECORD_ONLY) describes itself as AlwaysOnSampler too.
+        if sampler is ALWAYS_ON or sampler is ALWAYS_OFF:
+            # The same decision whatever the parent says: every trace id passes, or none.
+            return cls(tracer, _ALL if sampler is ALWAYS_ON else 0, parent_based=False, spans=spans)
+        if sampler is DEFAULT_ON or sampler is DEFAULT_OFF:
+            return cls(tracer, _ALL if sampler is DEFAULT_ON else 0, parent_based=True, spans=spans)
         if isinstance(sampler, ParentBased):
             match = _PARENT_BASED.fullmatch(str(sampler.get_description()))  # type: ignore[no-untyped-call]
             if match is None:
@@ -121,7 +147,7 @@ class PreSampler:
                 rate = float(match["rate"])
             except ValueError:
                 return None
-            return cls(tracer, TraceIdRatioBased.get_bound_for_rate(rate), parent_based=True)
+            return cls(tracer, TraceIdRatioBased.get_bound_for_rate(rate), parent_based=True, spans=spans)
         return None
 
     def start(
@@ -142,16 +168,24 @@ class PreSampler:
                 # ParentBased follows the parent; TraceIdRatioBased alone reads the parent's trace id.
                 sampled = flags.sampled if self.parent_based else (context.trace_id & _LOW_64) < self.bound
                 if sampled:
-                    return self.tracer.start_span(
-                        name, context=parent, kind=SpanKind.SERVER, attributes=attributes(peer() or "")
-                    )
+                    attrs = attributes(peer() or "")
+                    spans = self.spans
+                    if spans is not None and spans.usable(attrs):
+                        # As the SDK makes it: the parent's trace, random-id flag and trace state.
+                        sampled_flags = TraceFlags(TraceFlags.SAMPLED | (flags & _RANDOM_FLAG))
+                        own = SpanContext(context.trace_id, self._span_id(), False, sampled_flags, context.trace_state)
+                        return spans.start(name, own, context, attrs)
+                    return self.tracer.start_span(name, context=parent, kind=SpanKind.SERVER, attributes=attrs)
                 # The SDK keeps the parent's random-id flag and trace state on a dropped span.
                 kept = TraceFlags(_RANDOM_FLAG if flags & _RANDOM_FLAG else 0)
                 return _Dropped(context.trace_id, kept, context.trace_state, self._span_id)
         trace_id = self._trace_id()
         if (trace_id & _LOW_64) < self.bound:
+            attrs = attributes(peer() or "")
+            spans = self.spans
+            if spans is not None and spans.usable(attrs):
+                own = SpanContext(trace_id, self._span_id(), False, self._new_trace_sampled, None)
+                return spans.start(name, own, None, attrs)
             self.ids.pin(trace_id)
-            return self.tracer.start_span(
-                name, context=parent, kind=SpanKind.SERVER, attributes=attributes(peer() or "")
-            )
+            return self.tracer.start_span(name, context=parent, kind=SpanKind.SERVER, attributes=attrs)
         return _Dropped(trace_id, self._new_trace_flags, None, self._span_id)

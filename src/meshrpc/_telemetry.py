@@ -38,6 +38,7 @@ from ._overload import LoadShedder
 from ._rpc_context import current_rpc, incoming_metadata, text_items
 from ._sampling import PreSampler
 from ._service import MethodSpec, RpcKind
+from ._spans import ServerSpan
 from ._version import __version__
 
 access_logger = logging.getLogger("meshrpc.access")
@@ -319,7 +320,10 @@ class Observation:
         if span is not None:
             otel_context.detach(self.token)  # type: ignore[arg-type]
             if span.is_recording():  # not for the ones the sampler dropped
-                span.set_attribute("rpc.grpc.status_code", _CODE_NUMBERS[code])
+                if span.__class__ is ServerSpan:
+                    span.own_attribute("rpc.grpc.status_code", _CODE_NUMBERS[code])
+                else:
+                    span.set_attribute("rpc.grpc.status_code", _CODE_NUMBERS[code])
                 if code in ERROR_CODES:
                     self._record_error(span, code, exc)
                 span.end()
