@@ -13,11 +13,17 @@ import pytest
 from bench.instructions import instructions_per_call
 
 # Over raw grpc.aio, as a share of raw's instructions per unary call (docs/performance.md):
-# the defaults measured -1.0 %, the production profile +11.3 % (it was +33.5 % when every
-# call's metrics and span went through the OpenTelemetry SDK).  The production figure moves
-# with how many of the counted calls the 10 % sampler picks (about +-1 % for 200 calls).
+# the defaults measured -1.0 %, the production profile +9.5 % (+33.5 % when every call's
+# metrics and span went through the OpenTelemetry SDK, +11 to +13 % while the sampled 10 %
+# were the SDK's spans).  The production figure moves with how many of the counted calls
+# the 10 % sampler picks (less since a sampled span is meshrpc's own: 0.2 % between runs).
 DEFAULTS_BUDGET = 0.03
-PRODUCTION_BUDGET = 0.16
+PRODUCTION_BUDGET = 0.13
+# Full tracing's extra over the contrib instrumentor's: measured 0.23 (0.67 while every
+# span was the SDK's; the SDK-only inline floor is 0.65).  With user space some 60 % of
+# raw's CPU per call and contrib's extra near +60 % of raw's instructions, a share of 0.37
+# is where the 1.2x throughput lead over contrib would be lost.
+TRACING_SHARE_OF_CONTRIB = 0.35
 
 
 @pytest.fixture(scope="module")
@@ -35,9 +41,11 @@ def test_per_rpc_instructions_stay_within_their_budgets(raw: float) -> None:
 
 
 def test_full_tracing_keeps_its_lead_over_the_contrib_instrumentor(raw: float) -> None:
-    """Every call traced: meshrpc's extra instructions over raw stay well under what the
-    OpenTelemetry contrib interceptor adds for the same spans (measured 0.67 of it, with the
-    SDK's own inline floor at 0.64), so its lead cannot erode unnoticed."""
+    """Every call traced (otel_sdk, always_on): meshrpc's extra instructions over raw stay
+    well under what the OpenTelemetry contrib interceptor adds for the same spans, so its
+    lead cannot erode unnoticed."""
     tracing = instructions_per_call("tracing", 200) - raw
     contrib = instructions_per_call("contrib", 200) - raw
-    assert 0 < tracing <= 0.8 * contrib, f"tracing +{tracing:,.0f} per RPC against contrib's +{contrib:,.0f}"
+    assert 0 < tracing <= TRACING_SHARE_OF_CONTRIB * contrib, (
+        f"tracing +{tracing:,.0f} per RPC against contrib's +{contrib:,.0f}"
+    )

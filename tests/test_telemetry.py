@@ -197,6 +197,42 @@ async def test_stream_counts_behind_middleware_and_for_writing_handlers(otel: Ot
     assert requests_in == {"BidiStream": 3}
 
 
+async def test_a_handler_adds_to_its_server_span_and_nests_its_own_spans(otel: Otel) -> None:
+    """What an application does with the current span, from an async and a 'def' handler
+    (run in a thread): attributes, an event, a child span, all on the server span's trace."""
+    user = trace.get_tracer("app")
+
+    def annotate(kind: str) -> None:
+        span = trace.get_current_span()
+        assert span.is_recording()
+        span.set_attribute("app.kind", kind)
+        span.add_event("looked up", {"hit": True})
+        with user.start_as_current_span(f"child {kind}"):
+            pass
+
+    class Annotating(Echo):
+        async def Unary(self, request: Any, context: Any) -> Any:
+            annotate("async")
+            return echo_pb2.EchoReply(text=request.text)
+
+        def ServerStream(self, request: Any, context: Any) -> Any:  # type: ignore[override]
+            annotate("def")
+            yield echo_pb2.EchoReply(text=request.text)
+
+    async with testing.running(meshrpc.App("echo", services=[Annotating()])) as server:
+        stub = echo_pb2_grpc.EchoStub(server.channel)
+        await stub.Unary(echo_pb2.EchoRequest(text="a"))
+        assert len([r async for r in stub.ServerStream(echo_pb2.EchoRequest(text="b"))]) == 1
+    for name, kind in (("echo.Echo/Unary", "async"), ("echo.Echo/ServerStream", "def")):
+        (span,) = otel.finished(name)
+        (child,) = otel.finished(f"child {kind}")
+        assert span.attributes["app.kind"] == kind  # type: ignore[index]
+        assert span.attributes["rpc.grpc.status_code"] == 0  # type: ignore[index]
+        assert [(e.name, dict(e.attributes or {})) for e in span.events] == [("looked up", {"hit": True})]
+        assert child.parent is not None and child.parent.span_id == span.context.span_id
+        assert child.context.trace_id == span.context.trace_id
+
+
 async def test_a_wrong_reply_type_is_observed_as_the_internal_error_the_client_gets(otel: Otel) -> None:
     async with testing.running(app) as server:
         with pytest.raises(grpc.aio.AioRpcError) as raised:
