@@ -25,14 +25,13 @@ from __future__ import annotations
 import logging
 import threading
 import traceback
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from time import time_ns
-from types import MappingProxyType, TracebackType
+from types import TracebackType
 from typing import Any
 
 from opentelemetry import trace
 from opentelemetry.attributes import BoundedAttributes
-from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import (
     Event,
     ReadableSpan,
@@ -51,6 +50,28 @@ logger = logging.getLogger("opentelemetry.sdk.trace")  # the SDK's own warnings 
 OWN_ATTRIBUTES = 8
 
 _UNSET = Status(StatusCode.UNSET)
+# What a ReadableSpan offers to read, which a ServerSpan answers from a snapshot.
+_READABLE = frozenset(
+    {
+        "attributes",
+        "context",
+        "dropped_attributes",
+        "dropped_events",
+        "dropped_links",
+        "end_time",
+        "events",
+        "instrumentation_info",
+        "instrumentation_scope",
+        "kind",
+        "links",
+        "name",
+        "parent",
+        "resource",
+        "start_time",
+        "status",
+        "to_json",
+    }
+)
 
 
 class Pipeline(SynchronousMultiSpanProcessor):
@@ -310,54 +331,12 @@ class ServerSpan(trace.Span):
 
     # -- what a ReadableSpan offers, for code that reads the current span -------------
 
-    @property
-    def name(self) -> str:
-        return self._name
-
-    @property
-    def context(self) -> SpanContext:
-        return self._context
-
-    @property
-    def kind(self) -> SpanKind:
-        return SpanKind.SERVER
-
-    @property
-    def parent(self) -> SpanContext | None:
-        return self._parent
-
-    @property
-    def attributes(self) -> types.Attributes:
-        return MappingProxyType(self._attributes)
-
-    @property
-    def events(self) -> Sequence[Event]:
-        return tuple(self._events or ())
-
-    @property
-    def links(self) -> Sequence[Link]:
-        return tuple(self._links or ())
-
-    @property
-    def status(self) -> Status:
-        return self._status
-
-    @property
-    def start_time(self) -> int:
-        return self._start_time
-
-    @property
-    def end_time(self) -> int | None:
-        return self._end_time
-
-    @property
-    def resource(self) -> Resource:
-        resource: Resource = self._spans.resource
-        return resource
-
-    @property
-    def instrumentation_scope(self) -> InstrumentationScope:
-        return self._spans.scope
+    def __getattr__(self, name: str) -> Any:
+        # Reading the span as the SDK's (``span.name``, ``span.attributes``, ``span.to_json()``):
+        # from a snapshot, made only when asked (rare: the hot path never reads these).
+        if name in _READABLE:
+            return getattr(self._readable(), name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     def __repr__(self) -> str:
         return f'ServerSpan(name="{self._name}", context={self._context})'
