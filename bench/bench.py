@@ -159,52 +159,87 @@ def rss_mb(pid: int) -> float:
     return float("nan")
 
 
-def run_round(contender: Contender, workload: Workload, body_file: str, args: argparse.Namespace) -> Result:
+@dataclasses.dataclass(frozen=True)
+class Started:
+    """A contender's server, up and warm for the whole run, stopped (SIGSTOP) between its rounds."""
+
+    contender: Contender
+    server: subprocess.Popen[bytes]
+    target: str
+
+
+def h2load_command(
+    target: str, contender: Contender, workload: Workload, body_file: str, args: argparse.Namespace
+) -> list[str]:
+    return [
+        "h2load",
+        "-n",
+        str(args.requests),
+        "-c",
+        str(args.clients),
+        "-m",
+        str(args.streams),
+        "-H",
+        "content-type: application/grpc",
+        "-H",
+        "te: trailers",
+        # In a mesh every request arrives with trace headers; tracers must extract them.
+        *(("-H", f"traceparent: {TRACEPARENT}") if contender.traceparent else ()),
+        "-d",
+        body_file,
+        f"http://{target}{workload.path}",
+    ]
+
+
+def warm_up(started: Started, workload: Workload, body_file: str, args: argparse.Namespace, requests: int) -> None:
+    h2load = h2load_command(started.target, started.contender, workload, body_file, args)
+    subprocess.run(pinned(1, [h2load[0], "-n", str(requests), *h2load[3:]]), capture_output=True)
+
+
+def start(contender: Contender, workload: Workload, body_file: str, args: argparse.Namespace) -> Started:
+    """The contender's server, checked, warmed up with ``--warm-up`` calls, and stopped until its first round."""
     port = free_port()
     command = [a.replace(str(0xDEAD), str(port)) for a in contender.command]
     server = subprocess.Popen(
         pinned(0, command), cwd=ROOT, env={**os.environ, **contender.env}, stdout=subprocess.DEVNULL
     )
+    started = Started(contender, server, f"127.0.0.1:{port}")
     try:
-        target = f"127.0.0.1:{port}"
-        wait_ready(target, workload)
-        h2load = [
-            "h2load",
-            "-n",
-            str(args.requests),
-            "-c",
-            str(args.clients),
-            "-m",
-            str(args.streams),
-            "-H",
-            "content-type: application/grpc",
-            "-H",
-            "te: trailers",
-            # In a mesh every request arrives with trace headers; tracers must extract them.
-            *(("-H", f"traceparent: {TRACEPARENT}") if contender.traceparent else ()),
-            "-d",
-            body_file,
-            f"http://{target}{workload.path}",
-        ]
-        # warm-up, then the measured run
-        subprocess.run(
-            pinned(1, [h2load[0], "-n", str(max(args.requests // 10, 100)), *h2load[3:]]), capture_output=True
-        )
+        wait_ready(started.target, workload)
+        # The SDK's batch processor and the garbage collector settle over the first tens of
+        # thousands of spans: warmed up once, so that every round measures a settled server.
+        warm_up(started, workload, body_file, args, args.warm_up)
+    except BaseException:
+        stop(server)
+        raise
+    server.send_signal(signal.SIGSTOP)
+    return started
+
+
+def run_round(started: Started, workload: Workload, body_file: str, args: argparse.Namespace) -> Result:
+    """One round of ``--requests`` calls against a started server (continued for it, stopped after)."""
+    server = started.server
+    server.send_signal(signal.SIGCONT)
+    try:
+        # A short warm-up: the other contenders' rounds have had the CPU's caches since.
+        warm_up(started, workload, body_file, args, max(args.requests // 10, 100))
+        h2load = h2load_command(started.target, started.contender, workload, body_file, args)
         before = cpu_seconds(server.pid)
         out = subprocess.run(pinned(1, h2load), capture_output=True, text=True, timeout=300).stdout
         used = cpu_seconds(server.pid) - before
         done = re.search(r"requests: \d+ total, \d+ started, (\d+) done, (\d+) succeeded", out)
         rps = re.search(r"finished in [\d.]+\w+, ([\d.]+) req/s", out)
         if not (done and rps) or done.group(1) != done.group(2) or int(done.group(2)) != args.requests:
-            raise SystemExit(f"h2load did not complete every request for {contender.name}:\n{out}")
+            raise SystemExit(f"h2load did not complete every request for {started.contender.name}:\n{out}")
         return Result(float(rps.group(1)), used / args.requests * 1e6, rss_mb(server.pid))
     finally:
-        stop(server)
+        server.send_signal(signal.SIGSTOP)
 
 
 def stop(server: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
     """SIGTERM, as Kubernetes stops a pod; SIGKILL if the server is still there after ``timeout`` s."""
     server.send_signal(signal.SIGTERM)
+    server.send_signal(signal.SIGCONT)  # a server stopped between its rounds
     try:
         server.wait(timeout)
     except subprocess.TimeoutExpired:
@@ -310,19 +345,27 @@ def run_all(
         with tempfile.NamedTemporaryFile(suffix=".grpc", delete=False) as body:
             body.write(workload.body())
         results: dict[str, list[Result]] = {}
+        running: list[Started] = []
         try:
+            # Every server is started once and kept (stopped while the others run): a round
+            # is then one h2load run per contender, back to back, so that the machine's
+            # drift lands on the contenders compared in it alike.
+            for contender in field:
+                running.append(start(contender, workload, body.name, args))
             for round_no in range(args.rounds):
                 # Alternate the order each round, so drift in the machine's load hits everyone alike.
-                order = field if round_no % 2 == 0 else list(reversed(field))
-                for contender in order:
-                    result = run_round(contender, workload, body.name, args)
-                    results.setdefault(contender.name, []).append(result)
+                order = running if round_no % 2 == 0 else list(reversed(running))
+                for started in order:
+                    result = run_round(started, workload, body.name, args)
+                    results.setdefault(started.contender.name, []).append(result)
                     print(
-                        f"{workload.name} round {round_no + 1}: {contender.name:<20} {result.rps:>9.0f} req/s "
+                        f"{workload.name} round {round_no + 1}: {started.contender.name:<20} {result.rps:>9.0f} req/s "
                         f"{result.cpu_us_per_rpc:>7.1f} us CPU/RPC",
                         file=sys.stderr,
                     )
         finally:
+            for started in running:
+                stop(started.server)
             os.unlink(body.name)
         base_cpu = median([r.cpu_us_per_rpc for r in results[field[0].name]])
         lines = [
@@ -364,9 +407,12 @@ def run_all(
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[1] if __doc__ else None)
-    # Short rounds overstate the telemetry contenders: the SDK's batch processor and the
-    # garbage collector settle over the first tens of thousands of spans.
     parser.add_argument("--requests", type=int, default=30_000, help="calls per round (default 30000)")
+    # The SDK's batch processor and the garbage collector settle over the first tens of
+    # thousands of spans: each server is warmed up once, before the first round.
+    parser.add_argument(
+        "--warm-up", type=int, default=30_000, help="calls to each server before the first round (default 30000)"
+    )
     # An even count: each contender runs as often before raw as after it.
     parser.add_argument("--rounds", type=int, default=4, help="rounds per contender, alternating (default 4)")
     parser.add_argument("--clients", type=int, default=4, help="h2load connections (default 4)")

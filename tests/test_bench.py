@@ -10,7 +10,20 @@ from tests.helpers import ROOT
 
 def test_benchmark_runs_every_contender() -> None:
     result = subprocess.run(
-        [sys.executable, "bench/bench.py", "--requests", "300", "--rounds", "1", "--clients", "2", "--streams", "4"],
+        [
+            sys.executable,
+            "bench/bench.py",
+            "--requests",
+            "300",
+            "--warm-up",
+            "300",
+            "--rounds",
+            "2",
+            "--clients",
+            "2",
+            "--streams",
+            "4",
+        ],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -41,6 +54,7 @@ def test_benchmark_runs_every_contender() -> None:
     assert all(float(row[5]) > 10 for row in rows)  # each server's resident memory, in MB
     assert result.stdout.count("the SDK's own floor") == 4  # tracing and production, twice
     assert result.stdout.count("in a hot loop") == 2
+    assert result.stdout.count("Each round's req/s over raw") == 2  # every round's ratio, both workloads
 
 
 def test_layer_and_soak_scripts_run() -> None:
