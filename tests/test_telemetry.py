@@ -133,6 +133,58 @@ async def test_parent_from_incoming_traceparent(otel: Otel) -> None:
     assert span.parent is not None and f"{span.parent.span_id:016x}" == PARENT_ID and span.parent.is_remote
 
 
+async def test_parent_from_traceparent_behind_a_grpc_interceptor_and_from_a_def_handler(otel: Otel) -> None:
+    # The request metadata comes from grpc's handler lookup (see _rpc_context.request_metadata):
+    # an interceptor runs that lookup itself, and a def handler runs on another thread.
+    class PassThrough(grpc.aio.ServerInterceptor):
+        async def intercept_service(self, continuation: Any, details: grpc.HandlerCallDetails) -> Any:
+            return await continuation(details)
+
+    class Greeter(helloworld_pb2_grpc.GreeterServicer, meshrpc.Service):
+        def SayHello(self, request: helloworld_pb2.HelloRequest, context: Any) -> helloworld_pb2.HelloReply:
+            current = trace.get_current_span().get_span_context()
+            return helloworld_pb2.HelloReply(message=f"{current.trace_id:032x}")
+
+    traceparent = (("traceparent", f"00-{TRACE_ID}-{PARENT_ID}-01"),)
+    for interceptors in ([], [PassThrough()]):
+        greeter = meshrpc.App("greeter", services=[Greeter()], interceptors=interceptors)
+        async with testing.running(greeter) as server:
+            stub = helloworld_pb2_grpc.GreeterStub(server.channel)
+            reply = await stub.SayHello(helloworld_pb2.HelloRequest(name="x"), metadata=traceparent)
+            untraced = await stub.SayHello(helloworld_pb2.HelloRequest(name="x"))
+        assert reply.message == TRACE_ID  # the handler's current span is on the caller's trace
+        assert untraced.message not in (TRACE_ID, "0" * 32)  # a new trace, not the last call's
+    spans = otel.finished("helloworld.Greeter/SayHello")
+    assert len(spans) == 4
+    parented = [s for s in spans if s.parent is not None]
+    assert len(parented) == 2
+    assert all(f"{s.context.trace_id:032x}" == TRACE_ID and s.parent.is_remote for s in parented)  # type: ignore[union-attr]
+
+
+def test_request_metadata_is_the_lookups_only_for_the_method_looked_up() -> None:
+    import contextvars
+
+    from meshrpc._rpc_context import call_details, request_metadata
+
+    class Details(grpc.HandlerCallDetails):
+        def __init__(self, method: str, invocation_metadata: tuple[tuple[str, str], ...]) -> None:
+            self.method = method
+            self.invocation_metadata = invocation_metadata
+
+    class Context:
+        def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
+            return (("traceparent", "from the context"),)
+
+    def check() -> None:
+        context: Any = Context()
+        assert request_metadata(context, "/a.A/X") == (("traceparent", "from the context"),)  # no lookup here
+        call_details.set(Details("/a.A/X", (("traceparent", "from the lookup"),)))
+        assert request_metadata(context, "/a.A/X") == (("traceparent", "from the lookup"),)
+        assert request_metadata(context, "/a.A/Y") == (("traceparent", "from the context"),)  # another method's
+
+    contextvars.copy_context().run(check)
+
+
 async def test_parent_from_b3_when_configured(otel: Otel) -> None:
     previous = propagate.get_global_textmap()
     propagate.set_global_textmap(B3MultiFormat())  # what OTEL_PROPAGATORS=b3multi selects

@@ -11,6 +11,10 @@ from typing import Any
 
 import grpc
 
+from ._rpc_context import call_details
+
+_keep_details = call_details.set
+
 
 class MethodTable(grpc.GenericRpcHandler):
     """Every method a server answers, by its full path (``/package.Service/Method``)."""
@@ -24,4 +28,8 @@ class MethodTable(grpc.GenericRpcHandler):
             self._handlers[f"/{service}/{name}"] = handler
 
     def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler[Any, Any] | None:
-        return self._handlers.get(handler_call_details.method)
+        handler = self._handlers.get(handler_call_details.method)
+        if handler is not None:
+            # grpc.aio finds the handler in the RPC's own task: kept for the handler (see _rpc_context).
+            _keep_details(handler_call_details)
+        return handler

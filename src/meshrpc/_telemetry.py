@@ -35,7 +35,7 @@ from ._aggregates import Aggregates, Stream
 from ._errors import StatusError
 from ._failures import final_code
 from ._overload import LoadShedder
-from ._rpc_context import current_rpc, incoming_metadata, text_items
+from ._rpc_context import current_rpc, incoming_metadata, request_metadata, text_items
 from ._sampling import PreSampler
 from ._service import MethodSpec, RpcKind
 from ._spans import ServerSpan
@@ -282,9 +282,8 @@ class Observation:
         tracer = method.tracer
         if tracer is not None:
             # Extract only when a propagator's header came in: most of the cost otherwise.
-            # grpc builds the metadata tuple anew at each invocation_metadata() call: one call.
             parent = None
-            metadata = context.invocation_metadata() or ()
+            metadata = request_metadata(context, method.path)
             fields = method.fields
             for key, _ in metadata:
                 if key in fields:
