@@ -1,11 +1,12 @@
 """Instructions per RPC, counted by callgrind: a per-RPC figure the machine's noise cannot move.
 
-    python bench/instructions.py [--calls 400] [--repeat 2] [CONTENDER ...]
+    python bench/instructions.py [--calls 400] [--repeat 2] [--workload unary|stream] [CONTENDER ...]
 
 Each contender (bench/servers.py's, and `meshrpc serve bench.app:app` for the defaults)
 runs under ``valgrind --tool=callgrind``. A fixed client (one connection, one call at a
 time, from a process of its own, not counted) sends warm-up calls, the server's counters
-are zeroed (``callgrind_control --zero``), then ``--calls`` unary SayHello calls are sent
+are zeroed (``callgrind_control --zero``), then ``--calls`` unary SayHello calls (or
+SayHelloStream calls of 10 replies, ``--workload stream``) are sent
 and the counters dumped: the server's instructions for exactly those calls, every thread
 included. The figure is extra instructions per RPC over raw grpc.aio, not a ratio:
 callgrind does not see the kernel, which is a large share of raw's CPU.
@@ -57,15 +58,22 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _calls(port: int, count: int) -> None:
-    """``count`` unary calls, one at a time, from a process that callgrind does not count."""
+# One call of each workload, as the client sends it (bench/bench.py's two workloads).
+WORKLOADS = {
+    "unary": "stub.SayHello(p.HelloRequest(name='bench'), timeout=30)",
+    "stream": "assert len(list(stub.SayHelloStream(p.HelloRequest(name='bench', count=10), timeout=30))) == 10",
+}
+
+
+def _calls(port: int, count: int, workload: str = "unary") -> None:
+    """``count`` calls, one at a time, from a process that callgrind does not count."""
     code = (
         "import grpc, sys\n"
         "from examples._generated.helloworld import helloworld_pb2 as p, helloworld_pb2_grpc as g\n"
         f"channel = grpc.insecure_channel('127.0.0.1:{port}')\n"
         "stub = g.GreeterStub(channel)\n"
         f"for _ in range({count}):\n"
-        "    stub.SayHello(p.HelloRequest(name='bench'), timeout=30)\n"
+        f"    {WORKLOADS[workload]}\n"
     )
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=600)
 
@@ -83,8 +91,9 @@ def _wait_ready(port: int, proc: subprocess.Popen[bytes], timeout: float = 180.0
     raise RuntimeError("the server did not start under valgrind")
 
 
-def instructions_per_call(contender: str, calls: int) -> float:
-    """The server's instructions per unary call, warm, counted by callgrind."""
+def instructions_per_call(contender: str, calls: int, workload: str = "unary") -> float:
+    """The server's instructions per call (unary, or a server stream of 10 replies), warm,
+    counted by callgrind."""
     port = free_port()
     command = [part.replace("{port}", str(port)) for part in CONTENDERS[contender]]
     # Shedding off: under valgrind everything runs some 50 times slower, so even one call at a
@@ -113,9 +122,9 @@ def instructions_per_call(contender: str, calls: int) -> float:
         )
         try:
             _wait_ready(port, proc)
-            _calls(port, WARMUP)
+            _calls(port, WARMUP, workload)
             subprocess.run(["callgrind_control", "--zero", str(proc.pid)], check=True, capture_output=True)
-            _calls(port, calls)
+            _calls(port, calls, workload)
             subprocess.run(["callgrind_control", "--dump", str(proc.pid)], check=True, capture_output=True)
         finally:
             stop(proc, timeout=120)  # valgrind's shutdown is slow too
@@ -140,6 +149,9 @@ def main() -> int:
     parser.add_argument("contenders", nargs="*", default=list(CONTENDERS), help=f"of {', '.join(CONTENDERS)}")
     parser.add_argument("--calls", type=int, default=400, help="calls counted per run (default 400)")
     parser.add_argument("--repeat", type=int, default=2, help="runs per contender (default 2)")
+    parser.add_argument(
+        "--workload", choices=list(WORKLOADS), default="unary", help="unary SayHello, or SayHelloStream x10"
+    )
     args = parser.parse_args()
     unknown = [c for c in args.contenders if c not in CONTENDERS]
     if unknown:
@@ -148,10 +160,11 @@ def main() -> int:
     runs: dict[str, list[float]] = {name: [] for name in names}
     for _ in range(args.repeat):
         for name in names:  # alternated, so both runs of each see the same machine
-            runs[name].append(instructions_per_call(name, args.calls))
+            runs[name].append(instructions_per_call(name, args.calls, args.workload))
             print(f"{name}: {runs[name][-1]:,.0f} instructions per call", flush=True)
     raw = statistics.median(runs["raw"])
-    print(f"\n{args.calls} unary calls counted per run, {args.repeat} runs each; median, and spread of the runs")
+    what = "unary calls" if args.workload == "unary" else "server streams of 10 replies"
+    print(f"\n{args.calls} {what} counted per run, {args.repeat} runs each; median, and spread of the runs")
     print("| contender | instructions per RPC | over raw grpc.aio | spread |")
     print("|---|---|---|---|")
     for name in names:
