@@ -169,12 +169,13 @@ class Started:
 
 
 def h2load_command(
-    target: str, contender: Contender, workload: Workload, body_file: str, args: argparse.Namespace
+    started: Started, workload: Workload, body_file: str, args: argparse.Namespace, requests: int
 ) -> list[str]:
+    """h2load sending ``requests`` calls of ``workload`` to ``started``'s server."""
     return [
         "h2load",
         "-n",
-        str(args.requests),
+        str(requests),
         "-c",
         str(args.clients),
         "-m",
@@ -184,16 +185,15 @@ def h2load_command(
         "-H",
         "te: trailers",
         # In a mesh every request arrives with trace headers; tracers must extract them.
-        *(("-H", f"traceparent: {TRACEPARENT}") if contender.traceparent else ()),
+        *(("-H", f"traceparent: {TRACEPARENT}") if started.contender.traceparent else ()),
         "-d",
         body_file,
-        f"http://{target}{workload.path}",
+        f"http://{started.target}{workload.path}",
     ]
 
 
 def warm_up(started: Started, workload: Workload, body_file: str, args: argparse.Namespace, requests: int) -> None:
-    h2load = h2load_command(started.target, started.contender, workload, body_file, args)
-    subprocess.run(pinned(1, [h2load[0], "-n", str(requests), *h2load[3:]]), capture_output=True)
+    subprocess.run(pinned(1, h2load_command(started, workload, body_file, args, requests)), capture_output=True)
 
 
 def start(contender: Contender, workload: Workload, body_file: str, args: argparse.Namespace) -> Started:
@@ -223,7 +223,7 @@ def run_round(started: Started, workload: Workload, body_file: str, args: argpar
     try:
         # A short warm-up: the other contenders' rounds have had the CPU's caches since.
         warm_up(started, workload, body_file, args, max(args.requests // 10, 100))
-        h2load = h2load_command(started.target, started.contender, workload, body_file, args)
+        h2load = h2load_command(started, workload, body_file, args, args.requests)
         before = cpu_seconds(server.pid)
         out = subprocess.run(pinned(1, h2load), capture_output=True, text=True, timeout=300).stdout
         used = cpu_seconds(server.pid) - before
