@@ -33,6 +33,7 @@ from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, TraceFlags
 
+from ._propagation import as_context
 from ._spans import ServerSpans
 
 # The SDK's ParentBased description when every parent delegate is the default one:
@@ -156,13 +157,15 @@ class PreSampler:
         parent: Context | None,
         attributes: Callable[[str], dict[str, Any]],
         peer: Callable[[], str | None],
+        remote: SpanContext | None = None,
     ) -> trace.Span:
-        """A SERVER span under ``parent``: recording (from the SDK) only if sampled.
+        """A SERVER span under ``parent`` (or under ``remote``, the caller's span context as
+        meshrpc read it): recording (from the SDK) only if sampled.
 
         ``attributes(peer())`` are the span's attributes, built only for a sampled call.
         """
-        if parent is not None:
-            context = trace.get_current_span(parent).get_span_context()
+        if parent is not None or remote is not None:
+            context = remote if remote is not None else trace.get_current_span(parent).get_span_context()
             if context.is_valid:
                 flags = context.trace_flags
                 # ParentBased follows the parent; TraceIdRatioBased alone reads the parent's trace id.
@@ -175,6 +178,8 @@ class PreSampler:
                         sampled_flags = TraceFlags(TraceFlags.SAMPLED | (flags & _RANDOM_FLAG))
                         own = SpanContext(context.trace_id, self._span_id(), False, sampled_flags, context.trace_state)
                         return spans.start(name, own, context, attrs)
+                    if parent is None:
+                        parent = as_context(context)
                     return self.tracer.start_span(name, context=parent, kind=SpanKind.SERVER, attributes=attrs)
                 # The SDK keeps the parent's random-id flag and trace state on a dropped span.
                 kept = TraceFlags(_RANDOM_FLAG if flags & _RANDOM_FLAG else 0)

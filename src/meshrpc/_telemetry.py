@@ -22,20 +22,20 @@ import random
 import re
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 
 import grpc
 from opentelemetry import context as otel_context
-from opentelemetry import metrics, propagate, trace
-from opentelemetry.propagators.textmap import Getter
+from opentelemetry import metrics, trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from ._aggregates import Aggregates, Stream
 from ._errors import StatusError
 from ._failures import final_code
 from ._overload import LoadShedder
-from ._rpc_context import current_rpc, incoming_metadata, request_metadata, text_items
+from ._propagation import Incoming, as_context
+from ._rpc_context import current_rpc, incoming_metadata, request_metadata
 from ._sampling import PreSampler
 from ._service import MethodSpec, RpcKind
 from ._spans import ServerSpan
@@ -55,18 +55,6 @@ ERROR_CODES = frozenset(
         grpc.StatusCode.DATA_LOSS,
     }
 )
-
-
-class _MetadataGetter(Getter[Mapping[str, str]]):
-    def get(self, carrier: Mapping[str, str], key: str) -> list[str] | None:
-        value = carrier.get(key)
-        return [value] if value is not None else None
-
-    def keys(self, carrier: Mapping[str, str]) -> list[str]:
-        return list(carrier)
-
-
-_GETTER = _MetadataGetter()
 
 
 def sdk_configured() -> tuple[bool, bool]:
@@ -189,7 +177,7 @@ class _Method:
         self.path = spec.path
         self.tracer = tools.tracer
         self.presampler = tools.presampler
-        self.fields = tools.fields
+        self.incoming = tools.incoming
         self.instruments = tools.instruments
         self.access_log = tools.access_log
         self.sample_rate = tools.sample_rate
@@ -281,23 +269,18 @@ class Observation:
         self.received = 0
         tracer = method.tracer
         if tracer is not None:
-            # Extract only when a propagator's header came in: most of the cost otherwise.
-            parent = None
-            metadata = request_metadata(context, method.path)
-            fields = method.fields
-            for key, _ in metadata:
-                if key in fields:
-                    parent = propagate.extract(text_items(metadata), getter=_GETTER)
-                    break
+            # The caller's span context, read by meshrpc for a lone traceparent, or the
+            # context the global propagator extracted (see _propagation).
+            remote, parent = method.incoming.extract(request_metadata(context, method.path))
             presampler = method.presampler
             if presampler is not None:
                 # Decided before the SDK: only a sampled call's span is the SDK's.
-                span = presampler.start(method.span_name, parent, method.span_attributes, context.peer)
+                span = presampler.start(method.span_name, parent, method.span_attributes, context.peer, remote)
             else:
                 # All attributes at start: one validation pass instead of one locked set per attribute.
                 span = tracer.start_span(
                     method.span_name,
-                    context=parent,
+                    context=as_context(remote) if remote is not None else parent,
                     kind=SpanKind.SERVER,
                     attributes=method.span_attributes(context.peer() or ""),
                 )
@@ -362,7 +345,7 @@ class _Tools:
     def __init__(self, telemetry: Telemetry) -> None:
         self.tracer = trace.get_tracer("meshrpc", __version__) if telemetry.tracing else None
         self.presampler = PreSampler.for_tracer(self.tracer) if self.tracer is not None else None
-        self.fields = frozenset(propagate.get_global_textmap().fields)
+        self.incoming = Incoming()
         self.access_log = telemetry.access_log
         self.sample_rate = telemetry.access_log_sample_rate
         self.server_address = telemetry.server_address
