@@ -1,6 +1,6 @@
 """Instructions per RPC, counted by callgrind: a per-RPC figure the machine's noise cannot move.
 
-    python bench/instructions.py [--calls 400] [--repeat 2] [--workload unary|stream] [CONTENDER ...]
+    python bench/instructions.py [--calls 400] [--repeat 2] [--workload unary|stream] [--traceparent] [CONTENDER ...]
 
 Each contender (bench/servers.py's, and `meshrpc serve bench.app:app` for the defaults)
 runs under ``valgrind --tool=callgrind``. A fixed client (one connection, one call at a
@@ -8,7 +8,8 @@ time, from a process of its own, not counted) sends warm-up calls, the server's 
 are zeroed (``callgrind_control --zero``), then ``--calls`` unary SayHello calls (or
 SayHelloStream calls of 10 replies, ``--workload stream``) are sent
 and the counters dumped: the server's instructions for exactly those calls, every thread
-included. The figure is extra instructions per RPC over raw grpc.aio, not a ratio:
+included.  With ``--traceparent`` every call (every contender's, raw's too) carries a
+sampled W3C traceparent, as bench/bench.py's tracing contenders' calls do. The figure is extra instructions per RPC over raw grpc.aio, not a ratio:
 callgrind does not see the kernel, which is a large share of raw's CPU.
 """
 
@@ -29,7 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 BIN = Path(sys.executable).parent
 
-from bench.bench import stop  # noqa: E402
+from bench.bench import TRACEPARENT, stop  # noqa: E402
 
 WARMUP = 200
 
@@ -60,18 +61,20 @@ def free_port() -> int:
 
 # One call of each workload, as the client sends it (bench/bench.py's two workloads).
 WORKLOADS = {
-    "unary": "stub.SayHello(p.HelloRequest(name='bench'), timeout=30)",
-    "stream": "assert len(list(stub.SayHelloStream(p.HelloRequest(name='bench', count=10), timeout=30))) == 10",
+    "unary": "stub.SayHello(p.HelloRequest(name='bench'), timeout=30, metadata=md)",
+    "stream": "assert len(list(stub.SayHelloStream(p.HelloRequest(name='bench', count=10), timeout=30, metadata=md))) == 10",
 }
 
 
-def _calls(port: int, count: int, workload: str = "unary") -> None:
+def _calls(port: int, count: int, workload: str = "unary", traceparent: bool = False) -> None:
     """``count`` calls, one at a time, from a process that callgrind does not count."""
+    metadata = (("traceparent", TRACEPARENT),) if traceparent else ()
     code = (
         "import grpc, sys\n"
         "from examples._generated.helloworld import helloworld_pb2 as p, helloworld_pb2_grpc as g\n"
         f"channel = grpc.insecure_channel('127.0.0.1:{port}')\n"
         "stub = g.GreeterStub(channel)\n"
+        f"md = {metadata!r}\n"
         f"for _ in range({count}):\n"
         f"    {WORKLOADS[workload]}\n"
     )
@@ -91,7 +94,7 @@ def _wait_ready(port: int, proc: subprocess.Popen[bytes], timeout: float = 180.0
     raise RuntimeError("the server did not start under valgrind")
 
 
-def instructions_per_call(contender: str, calls: int, workload: str = "unary") -> float:
+def instructions_per_call(contender: str, calls: int, workload: str = "unary", traceparent: bool = False) -> float:
     """The server's instructions per call (unary, or a server stream of 10 replies), warm,
     counted by callgrind."""
     port = free_port()
@@ -122,9 +125,9 @@ def instructions_per_call(contender: str, calls: int, workload: str = "unary") -
         )
         try:
             _wait_ready(port, proc)
-            _calls(port, WARMUP, workload)
+            _calls(port, WARMUP, workload, traceparent)
             subprocess.run(["callgrind_control", "--zero", str(proc.pid)], check=True, capture_output=True)
-            _calls(port, calls, workload)
+            _calls(port, calls, workload, traceparent)
             subprocess.run(["callgrind_control", "--dump", str(proc.pid)], check=True, capture_output=True)
         finally:
             stop(proc, timeout=120)  # valgrind's shutdown is slow too
@@ -152,6 +155,9 @@ def main() -> int:
     parser.add_argument(
         "--workload", choices=list(WORKLOADS), default="unary", help="unary SayHello, or SayHelloStream x10"
     )
+    parser.add_argument(
+        "--traceparent", action="store_true", help="every call carries a sampled traceparent (as in bench.py's tracing)"
+    )
     args = parser.parse_args()
     unknown = [c for c in args.contenders if c not in CONTENDERS]
     if unknown:
@@ -160,11 +166,12 @@ def main() -> int:
     runs: dict[str, list[float]] = {name: [] for name in names}
     for _ in range(args.repeat):
         for name in names:  # alternated, so both runs of each see the same machine
-            runs[name].append(instructions_per_call(name, args.calls, args.workload))
+            runs[name].append(instructions_per_call(name, args.calls, args.workload, args.traceparent))
             print(f"{name}: {runs[name][-1]:,.0f} instructions per call", flush=True)
     raw = statistics.median(runs["raw"])
     what = "unary calls" if args.workload == "unary" else "server streams of 10 replies"
-    print(f"\n{args.calls} {what} counted per run, {args.repeat} runs each; median, and spread of the runs")
+    carrying = ", each with a traceparent" if args.traceparent else ""
+    print(f"\n{args.calls} {what}{carrying} counted per run, {args.repeat} runs each; median, and spread of the runs")
     print("| contender | instructions per RPC | over raw grpc.aio | spread |")
     print("|---|---|---|---|")
     for name in names:

@@ -130,6 +130,12 @@ class ServerSpans:
         return ServerSpan(self, name, span_context, parent, dict(attributes), time_ns())
 
 
+# What the application changes on a server span, from any thread, is changed under this
+# one lock, shared by every ServerSpan: a lock of each span's own would be made on every
+# sampled call, and most spans are never changed (nothing is awaited while it is held).
+_CHANGES = threading.Lock()
+
+
 def _ended(name: str) -> None:
     logger.warning("Tried calling %s on an ended span.", name)
 
@@ -143,7 +149,6 @@ class ServerSpan(trace.Span):
         "_end_time",
         "_events",
         "_links",
-        "_lock",
         "_name",
         "_parent",
         "_spans",
@@ -171,7 +176,6 @@ class ServerSpan(trace.Span):
         self._status = _UNSET
         self._start_time = start_time
         self._end_time: int | None = None
-        self._lock = threading.Lock()  # what the application changes, from any thread
 
     # -- what meshrpc itself sets ------------------------------------------------------
 
@@ -198,7 +202,7 @@ class ServerSpan(trace.Span):
         return attributes
 
     def set_attributes(self, attributes: Mapping[str, types.AnyValue]) -> None:
-        with self._lock:
+        with _CHANGES:
             if self._end_time is not None:
                 logger.warning("Setting attribute on ended span.")
                 return
@@ -214,7 +218,7 @@ class ServerSpan(trace.Span):
         bounded = BoundedAttributes(
             limits.max_event_attributes, attributes, max_value_len=limits.max_attribute_length, immutable=True
         )
-        with self._lock:
+        with _CHANGES:
             if self._end_time is not None:
                 _ended("_add_event")
                 return
@@ -229,7 +233,7 @@ class ServerSpan(trace.Span):
         bounded = BoundedAttributes(
             limits.max_link_attributes, attributes, max_value_len=limits.max_attribute_length, immutable=True
         )
-        with self._lock:
+        with _CHANGES:
             if self._end_time is not None:
                 _ended("_add_link")
                 return
