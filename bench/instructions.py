@@ -5,12 +5,14 @@
 Each contender (bench/servers.py's, and `meshrpc serve bench.app:app` for the defaults)
 runs under ``valgrind --tool=callgrind``. A fixed client (one connection, one call at a
 time, from a process of its own, not counted) sends warm-up calls, the server's counters
-are zeroed (``callgrind_control --zero``), then ``--calls`` unary SayHello calls (or
-SayHelloStream calls of 10 replies, ``--workload stream``) are sent
-and the counters dumped: the server's instructions for exactly those calls, every thread
-included.  With ``--traceparent`` every call (every contender's, raw's too) carries a
-sampled W3C traceparent, as bench/bench.py's tracing contenders' calls do. The figure is extra instructions per RPC over raw grpc.aio, not a ratio:
-callgrind does not see the kernel, which is a large share of raw's CPU.
+are zeroed (``callgrind_control --zero``), then the same connection sends ``--calls``
+unary SayHello calls (or SayHelloStream calls of 10 replies, ``--workload stream``) and
+the counters are dumped before it closes: the server's instructions for exactly those
+calls, every thread included, and none of a connection's setup or teardown.  With
+``--traceparent`` every call (every contender's, raw's too) carries a sampled W3C
+traceparent, as bench/bench.py's tracing contenders' calls do.  The figure is extra
+instructions per RPC over raw grpc.aio, not a ratio: callgrind does not see the kernel,
+which is a large share of raw's CPU.
 """
 
 from __future__ import annotations
@@ -66,19 +68,43 @@ WORKLOADS = {
 }
 
 
-def _calls(port: int, count: int, workload: str = "unary", traceparent: bool = False) -> None:
-    """``count`` calls, one at a time, from a process that callgrind does not count."""
-    metadata = (("traceparent", TRACEPARENT),) if traceparent else ()
-    code = (
-        "import grpc, sys\n"
-        "from examples._generated.helloworld import helloworld_pb2 as p, helloworld_pb2_grpc as g\n"
-        f"channel = grpc.insecure_channel('127.0.0.1:{port}')\n"
-        "stub = g.GreeterStub(channel)\n"
-        f"md = {metadata!r}\n"
-        f"for _ in range({count}):\n"
-        f"    {WORKLOADS[workload]}\n"
-    )
-    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=600)
+class _Client:
+    """The fixed client: one process (not counted), one connection for the warm-up and the
+    counted calls, so the connection's setup and teardown stay out of the count."""
+
+    def __init__(self, port: int, workload: str, traceparent: bool) -> None:
+        metadata = (("traceparent", TRACEPARENT),) if traceparent else ()
+        code = (
+            "import grpc, sys\n"
+            "from examples._generated.helloworld import helloworld_pb2 as p, helloworld_pb2_grpc as g\n"
+            f"channel = grpc.insecure_channel('127.0.0.1:{port}')\n"
+            "stub = g.GreeterStub(channel)\n"
+            f"md = {metadata!r}\n"
+            "for line in sys.stdin:\n"  # each line: how many calls to send now
+            "    for _ in range(int(line)):\n"
+            f"        {WORKLOADS[workload]}\n"
+            "    print('done', flush=True)\n"
+        )
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", code], cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        )
+
+    def send(self, count: int) -> None:
+        """``count`` calls, one at a time; returns when the last has been answered."""
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write(f"{count}\n")
+        self.proc.stdin.flush()
+        if self.proc.stdout.readline().strip() != "done":
+            raise RuntimeError(f"the client failed (exit code {self.proc.wait(timeout=60)})")
+
+    def close(self) -> None:
+        if self.proc.stdin is not None:
+            self.proc.stdin.close()
+        try:
+            self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
 
 
 def _wait_ready(port: int, proc: subprocess.Popen[bytes], timeout: float = 180.0) -> None:
@@ -125,10 +151,14 @@ def instructions_per_call(contender: str, calls: int, workload: str = "unary", t
         )
         try:
             _wait_ready(port, proc)
-            _calls(port, WARMUP, workload, traceparent)
-            subprocess.run(["callgrind_control", "--zero", str(proc.pid)], check=True, capture_output=True)
-            _calls(port, calls, workload, traceparent)
-            subprocess.run(["callgrind_control", "--dump", str(proc.pid)], check=True, capture_output=True)
+            client = _Client(port, workload, traceparent)
+            try:
+                client.send(WARMUP)
+                subprocess.run(["callgrind_control", "--zero", str(proc.pid)], check=True, capture_output=True)
+                client.send(calls)
+                subprocess.run(["callgrind_control", "--dump", str(proc.pid)], check=True, capture_output=True)
+            finally:
+                client.close()
         finally:
             stop(proc, timeout=120)  # valgrind's shutdown is slow too
         # The dump asked for after the calls says "Trigger: dump"; the one written at exit

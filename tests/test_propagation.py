@@ -177,3 +177,13 @@ def test_as_context_is_what_the_propagator_hands_over() -> None:
     ours, theirs = as_context(remote), propagate.extract({"traceparent": VALID})
     assert list(ours) == list(theirs)  # the same keys: only the current span
     assert trace.get_current_span(ours).get_span_context() == trace.get_current_span(theirs).get_span_context()
+
+
+class Failing(TraceContextTextMapPropagator):
+    def extract(self, carrier: Any, context: Context | None = None, getter: Getter[Any] = default_getter) -> Context:
+        raise RuntimeError("this propagator fails")
+
+
+def test_a_propagator_that_fails_the_startup_check_is_left_to_read_every_header(global_textmap: None) -> None:
+    propagate.set_global_textmap(CompositePropagator([Failing()]))
+    assert not Incoming().direct  # and the server starts: the check does not raise

@@ -94,7 +94,10 @@ class Incoming:
         self.direct = _only_w3c(self.textmap) and all(self._agrees(header) for header in _PROBES)
 
     def _agrees(self, header: str) -> bool:
-        theirs = trace.get_current_span(self.textmap.extract({"traceparent": header}, getter=GETTER))
+        try:
+            theirs = trace.get_current_span(self.textmap.extract({"traceparent": header}, getter=GETTER))
+        except Exception:  # a propagator that fails here reads every header itself, as before
+            return False
         return theirs.get_span_context() == parse_traceparent(header)
 
     def extract(self, metadata: Iterable[tuple[str, str | bytes]]) -> tuple[SpanContext | None, Context | None]:
