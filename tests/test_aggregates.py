@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import math
 import random
+import threading
+import time
 from typing import Any
 
 import pytest
@@ -15,7 +17,7 @@ from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import AggregationTemporality, HistogramDataPoint, InMemoryMetricReader
 from prometheus_client import REGISTRY, generate_latest
 
-from meshrpc._aggregates import Aggregates, with_aggregates
+from meshrpc._aggregates import BATCH, Aggregates, with_aggregates
 from meshrpc._version import __version__
 
 ATTRS = {"rpc.system": "grpc", "rpc.service": "echo.Echo", "rpc.method": "Unary", "rpc.grpc.status_code": 0}
@@ -188,3 +190,84 @@ def test_metrics_endpoint_shows_the_histograms_meshrpc_aggregates() -> None:
     assert count(5) == 1  # NOT_FOUND, its own series
     assert 'le="+Inf"' in text and "# TYPE rpc_server_duration_milliseconds histogram" in text
     assert "rpc_server_active_requests" in text and "process_cpu_seconds_total" in text
+
+
+def always(provider: MeterProvider) -> None:
+    """An SDK instrument with a point in every collection, as meshrpc's rpc.server.active_requests."""
+    meter = provider.get_meter("meshrpc", __version__)
+    meter.create_observable_up_down_counter("active", callbacks=[lambda options: [Observation(0, ATTRS)]])
+
+
+def batched(aggregates: Aggregates, record: Any, value: float) -> None:
+    """What a call's end does with its measurement (see _telemetry.Observation.finish)."""
+    pending = aggregates.pending
+    pending.append((record, value))
+    if len(pending) >= BATCH:
+        aggregates.aggregate_batch()
+
+
+def test_measurements_wait_for_a_batch_and_every_collection_includes_them() -> None:
+    aggregates = Aggregates()
+    reader = with_aggregates(InMemoryMetricReader, aggregates, delta=False)()
+    provider = MeterProvider(metric_readers=[reader])
+    always(provider)
+    try:
+        (stream,) = aggregates.histogram("rpc.server.duration", unit="ms", description="d").streams_for(ATTRS)
+        for i in range(BATCH - 1):
+            batched(aggregates, stream.record, float(i))
+        assert len(aggregates.pending) == BATCH - 1 and sum(stream.counts) == 0  # not aggregated yet
+        batched(aggregates, stream.record, 1.0)
+        assert len(aggregates.pending) == 0 and sum(stream.counts) == BATCH  # the batch, at once
+        for _ in range(10):
+            batched(aggregates, stream.record, 2.0)
+        (point,) = points(reader, reader.get_metrics_data())["rpc.server.duration"]
+        assert point.count == BATCH + 10  # the collection took the 10 still pending
+        assert point.sum == sum(float(i) for i in range(BATCH - 1)) + 1.0 + 20.0
+        assert len(aggregates.pending) == 0
+    finally:
+        provider.shutdown()
+
+
+def test_a_full_batch_never_waits_for_a_collection_in_progress() -> None:
+    """The event loop's thread appends and moves on while a reader's thread holds the
+    aggregates: that collection, or the next, takes what waits."""
+    aggregates = Aggregates()
+    with_aggregates(InMemoryMetricReader, aggregates, delta=False)
+    (stream,) = aggregates.histogram("h", unit="ms", description="d").streams_for(ATTRS)
+    with aggregates.flushing:  # a reader's thread, collecting
+        for _ in range(BATCH * 3):
+            batched(aggregates, stream.record, 1.0)
+        assert len(aggregates.pending) == BATCH * 3 and sum(stream.counts) == 0
+    aggregates.flush()
+    assert sum(stream.counts) == BATCH * 3 and not aggregates.pending
+
+
+def test_collections_in_another_thread_lose_and_repeat_no_measurement() -> None:
+    aggregates = Aggregates()
+    reader = with_aggregates(InMemoryMetricReader, aggregates, delta=True)(
+        preferred_temporality={SdkHistogram: AggregationTemporality.DELTA}
+    )
+    provider = MeterProvider(metric_readers=[reader])
+    always(provider)
+    (stream,) = aggregates.histogram("h", unit="ms", description="d").streams_for(ATTRS)
+    counted: list[int] = []
+    done = threading.Event()
+
+    def collect() -> None:
+        while not done.is_set():
+            counted.extend(p.count for p in points(reader, reader.get_metrics_data()).get("h", []))
+
+    collector = threading.Thread(target=collect)
+    collector.start()
+    try:
+        for i in range(20_000):
+            batched(aggregates, stream.record, float(i % 7))
+            if i % 1000 == 0:
+                time.sleep(0.002)  # calls end between collections, as on a server
+    finally:
+        done.set()
+        collector.join()
+    counted.extend(p.count for p in points(reader, reader.get_metrics_data()).get("h", []))
+    provider.shutdown()
+    assert sum(counted) == 20_000  # delta points: each measurement in exactly one
+    assert len(counted) > 1  # collected while calls ended, not only at the end

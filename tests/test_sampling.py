@@ -35,7 +35,7 @@ import meshrpc
 from examples._generated.echo import echo_pb2, echo_pb2_grpc
 from examples._generated.helloworld import helloworld_pb2, helloworld_pb2_grpc
 from meshrpc import testing
-from meshrpc._sampling import PreSampler
+from meshrpc._sampling import STAND_IN, PreSampler
 from tests.apps.echo import app as echo_app
 from tests.helpers import reset_otel_globals
 
@@ -197,7 +197,8 @@ class Traced(helloworld_pb2_grpc.GreeterServicer):
 
     async def SayHello(self, request: Any, context: Any) -> Any:
         assert self.channel is not None
-        seen = trace.get_current_span().get_span_context()
+        current = trace.get_current_span()
+        seen = current.get_span_context()
         await asyncio.sleep(random.random() / 100)  # the calls interleave on the loop
         logging.getLogger("tests.traced").info("serving %s", request.name)
         reply = await echo_pb2_grpc.EchoStub(self.channel).Unary(echo_pb2.EchoRequest(text="metadata"))
@@ -208,6 +209,7 @@ class Traced(helloworld_pb2_grpc.GreeterServicer):
                     "seen": [seen.trace_id, seen.span_id, int(seen.trace_flags), seen.is_valid],
                     "after": [after.trace_id, after.span_id],
                     "sent": json.loads(reply.text).get("traceparent"),
+                    "stand_in": current is STAND_IN,
                 }
             )
         )
@@ -225,15 +227,26 @@ def dropping() -> Iterator[InMemorySpanExporter]:
         reset_otel_globals()
 
 
+class PassThrough(grpc.aio.ServerInterceptor):
+    async def intercept_service(self, continuation: Any, handler_call_details: Any) -> Any:
+        return await continuation(handler_call_details)
+
+
+@pytest.mark.parametrize("interceptors", [(), (PassThrough(),)], ids=["stand-in", "interceptor"])
 async def test_a_served_call_that_is_dropped_still_has_its_trace_everywhere(
-    dropping: InMemorySpanExporter, caplog: pytest.LogCaptureFixture
+    dropping: InMemorySpanExporter, caplog: pytest.LogCaptureFixture, interceptors: tuple[Any, ...]
 ) -> None:
     """A real server's dropped calls, 20 at once: each handler sees its own trace id and span
-    id, its log lines and outgoing calls carry them (not sampled), and nothing leaks out."""
+    id, its log lines and outgoing calls carry them (not sampled), and nothing leaks out.
+
+    Without interceptors, the current span is the server's stand-in, which reads each
+    call's own (no span made current call by call); with one, which could make a span
+    current before the handler, each dropped span is made current itself."""
     caplog.handler.addFilter(meshrpc.TraceContextFilter())
     traced = Traced()
     incoming_parent = f"00-{'ab' * 16}-{'cd' * 8}-00"  # an unsampled caller
-    async with testing.running(echo_app) as back, testing.running(meshrpc.App("front", services=[traced])) as front:
+    front_app = meshrpc.App("front", services=[traced], interceptors=list(interceptors))
+    async with testing.running(echo_app) as back, testing.running(front_app) as front:
         traced.channel = grpc.aio.insecure_channel(back.target, interceptors=[meshrpc.OutboundInterceptor()])
         stub = helloworld_pb2_grpc.GreeterStub(front.channel)
         with caplog.at_level(logging.INFO, logger="tests.traced"):
@@ -246,6 +259,7 @@ async def test_a_served_call_that_is_dropped_still_has_its_trace_everywhere(
     assert dropping.get_finished_spans() == ()  # none sampled: the SDK made no span
     results = [json.loads(r.message) for r in replies]
     for result in results:
+        assert result["stand_in"] is (not interceptors)
         trace_id, span_id, flags, valid = result["seen"]
         assert valid and not flags & TraceFlags.SAMPLED
         assert result["after"] == [trace_id, span_id]  # the same span all through the handler

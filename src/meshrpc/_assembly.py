@@ -35,7 +35,7 @@ from ._overload import LoadShedder
 from ._reflection import add_reflection
 from ._service import describe
 from ._sync import is_sync
-from ._telemetry import Observe, Telemetry, observer, sdk_configured
+from ._telemetry import Observe, Telemetry, drops_spans, observer, sdk_configured
 
 if TYPE_CHECKING:
     from ._app import App
@@ -56,6 +56,9 @@ class Assembly:
     pool: concurrent.futures.ThreadPoolExecutor | None = None
     names: tuple[str, ...] = ()
     observed: bool = False  # whether telemetry observes the RPCs (no SDK and no access log: not at all)
+    # Whether the server starts in a context whose current span stands in for each dropped
+    # call's (see _sampling.StandIn): with meshrpc's sampling decision and no interceptors.
+    stand_in: bool = False
     aggregates: Aggregates | None = None  # the histograms meshrpc aggregates itself (when it built the MeterProvider)
 
 
@@ -91,6 +94,7 @@ def register(assembly: Assembly, app: App, config: Config, health: Health) -> No
     observe = _observer(config, assembly.port, assembly.inflight.shedder, assembly.aggregates)
     assembly.observed = observe is not None
     intercepted = bool(app.interceptors)
+    assembly.stand_in = observe is not None and not intercepted and drops_spans(observe)
     assembly.pool = _thread_pool(app, config)
     table = MethodTable()
     for service in app.services:

@@ -24,14 +24,19 @@ A sampled call's span is the SDK's, or, when meshrpc built the TracerProvider, a
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import random
 import re
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
+from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.context import Context
-from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, TraceFlags
+from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
+from opentelemetry.trace import INVALID_SPAN_CONTEXT, NonRecordingSpan, SpanContext, SpanKind, TraceFlags
 
 from ._propagation import as_context
 from ._spans import ServerSpans
@@ -43,6 +48,7 @@ _PARENT_BASED = re.compile(
     r"remoteParentSampled:AlwaysOnSampler,remoteParentNotSampled:AlwaysOffSampler,"
     r"localParentSampled:AlwaysOnSampler,localParentNotSampled:AlwaysOffSampler\}"
 )
+_getrandbits = random.getrandbits  # what the SDK's RandomIdGenerator draws with
 _LOW_64 = (1 << 64) - 1  # TraceIdRatioBased.TRACE_ID_LIMIT: the bits its rule reads
 _ALL = 1 << 64  # a bound every trace id's low 64 bits are under: TraceIdRatioBased(1.0)'s
 # W3C trace context level 2's random-trace-id flag, which the SDK sets (not in older APIs).
@@ -75,7 +81,7 @@ class _Drawn:
         return bool(check()) if check is not None else False
 
 
-class _Dropped(NonRecordingSpan):
+class Dropped(NonRecordingSpan):
     """The span of a call the sampler dropped, as the SDK makes it, with its span id drawn
     when something first reads its context (a log line, an outgoing call, a child span):
     most such calls never do, and building the context is most of the cost of the span."""
@@ -95,6 +101,58 @@ class _Dropped(NonRecordingSpan):
         return f"NonRecordingSpan({self.get_span_context()!r})"
 
 
+# The dropped span of the RPC this task serves, behind the stand-in (see StandIn): set to
+# None in the context grpc.aio's RPC tasks start from, absent anywhere else.
+dropped_span: contextvars.ContextVar[Dropped | None] = contextvars.ContextVar("meshrpc_dropped_span")
+
+
+class StandIn(NonRecordingSpan):
+    """The current span in every RPC task of a server, standing in for the span of the call
+    the sampler dropped, which it reads from `dropped_span`.
+
+    Making a span current costs a context object and three of OpenTelemetry's calls in
+    and out (about 4 % of a saturated server's throughput).  Most calls are dropped by the
+    sampler, and their span is needed only if something reads it (a log line, an outgoing
+    call, a child span): so a dropped call's span is set behind this one object, which is
+    current in every RPC task already, and a sampled call's span is made current as any.
+
+    grpc.aio runs each RPC in a task of its own, copied from the context its server was
+    started in (`serving_context`), so each task sees its own call's span and nothing
+    else does.  Code outside the call's task sees this stand-in's invalid context: a
+    `Context` captured with ``get_current()`` and attached in another thread (not an
+    asyncio task, which copies the call's context, nor a ``def`` handler) has no trace id
+    for a dropped call there.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(INVALID_SPAN_CONTEXT)
+
+    def get_span_context(self) -> SpanContext:
+        span = dropped_span.get(None)
+        return span.get_span_context() if span is not None else INVALID_SPAN_CONTEXT
+
+    def __repr__(self) -> str:
+        return f"NonRecordingSpan({self.get_span_context()!r})"
+
+
+STAND_IN = StandIn()
+
+
+@contextlib.contextmanager
+def serving_context() -> Iterator[None]:
+    """Around grpc.aio's ``server.start()``: the context its RPC tasks are copied from has
+    the stand-in as its current span, and a slot for each call's dropped span.  Only for a
+    server without grpc.aio interceptors: an interceptor could make a span current in the
+    task before meshrpc's handler runs, which the stand-in would not see."""
+    token = otel_context.attach(trace.set_span_in_context(STAND_IN))
+    slot = dropped_span.set(None)
+    try:
+        yield
+    finally:
+        dropped_span.reset(slot)
+        otel_context.detach(token)
+
+
 class PreSampler:
     """Starts a server span, deciding sampling first (see the module's docstring)."""
 
@@ -105,7 +163,9 @@ class PreSampler:
         self.spans = spans  # meshrpc's own sampled spans, when meshrpc built the provider
         self.ids = _Drawn(tracer.id_generator)
         tracer.id_generator = self.ids  # meshrpc's own tracer object: no one else's spans
-        # Read once: asked on every call.
+        # Read once: asked on every call.  The SDK's own generator's rule, drawn here without
+        # its call: 128 random bits, drawn again if all zero.
+        self._random_ids = type(self.ids.inner) is RandomIdGenerator
         self._trace_id = self.ids.inner.generate_trace_id
         self._span_id = self.ids.inner.generate_span_id
         self._new_trace_flags = TraceFlags(_RANDOM_FLAG if self.ids.is_trace_id_random() else 0)
@@ -183,8 +243,10 @@ class PreSampler:
                     return self.tracer.start_span(name, context=parent, kind=SpanKind.SERVER, attributes=attrs)
                 # The SDK keeps the parent's random-id flag and trace state on a dropped span.
                 kept = TraceFlags(_RANDOM_FLAG if flags & _RANDOM_FLAG else 0)
-                return _Dropped(context.trace_id, kept, context.trace_state, self._span_id)
-        trace_id = self._trace_id()
+                return Dropped(context.trace_id, kept, context.trace_state, self._span_id)
+        trace_id = _getrandbits(128) if self._random_ids else 0
+        if not trace_id:
+            trace_id = self._trace_id()
         if (trace_id & _LOW_64) < self.bound:
             attrs = attributes(peer() or "")
             spans = self.spans
@@ -193,4 +255,4 @@ class PreSampler:
                 return spans.start(name, own, None, attrs)
             self.ids.pin(trace_id)
             return self.tracer.start_span(name, context=parent, kind=SpanKind.SERVER, attributes=attrs)
-        return _Dropped(trace_id, self._new_trace_flags, None, self._span_id)
+        return Dropped(trace_id, self._new_trace_flags, None, self._span_id)

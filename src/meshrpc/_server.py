@@ -34,6 +34,7 @@ from ._errors import AppError
 from ._health import CheckLog, Health, consume_outcome, poll_checks, run_checks
 from ._otel_setup import flush as flush_telemetry
 from ._runner import exit_by, hard_exit, owns_process
+from ._sampling import serving_context
 
 if TYPE_CHECKING:
     from ._app import App
@@ -256,7 +257,9 @@ class Server:
         await health.publish()  # NOT_SERVING until started: the library's default is SERVING
         _assembly.register(assembly, app, config, health)
         self._unless_stopped()
-        await assembly.server.start()
+        # grpc.aio copies the context its server starts in to every RPC's task.
+        with serving_context() if assembly.stand_in else contextlib.nullcontext():
+            await assembly.server.start()
         assembly.inflight.shedder.start()
         tls = " (mutual TLS)" if config.tls_client_ca_file else " (TLS)" if config.tls_cert_file else ""
         logger.info("serving app %s on %s%s: %s", app.name, self.display_address, tls, ", ".join(assembly.names))

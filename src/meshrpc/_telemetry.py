@@ -30,13 +30,13 @@ from opentelemetry import context as otel_context
 from opentelemetry import metrics, trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
-from ._aggregates import Aggregates, Stream
+from ._aggregates import BATCH, Aggregates, Stream
 from ._errors import StatusError
 from ._failures import final_code
 from ._overload import LoadShedder
 from ._propagation import Incoming, as_context
 from ._rpc_context import current_rpc, incoming_metadata, request_metadata
-from ._sampling import PreSampler
+from ._sampling import Dropped, PreSampler, dropped_span
 from ._service import MethodSpec, RpcKind
 from ._spans import ServerSpan
 from ._version import __version__
@@ -90,6 +90,8 @@ class Telemetry:
 # code's hash is Enum's, in Python).
 _CODE_NUMBERS = {code: code.value[0] for code in grpc.StatusCode}
 _OK = grpc.StatusCode.OK
+_StatusCode = grpc.StatusCode
+_ABSENT = object()  # dropped_span's value outside a server's RPC tasks
 
 
 class _Instruments:
@@ -227,15 +229,26 @@ class _Method:
     def record(
         self, instruments: _Instruments, code: grpc.StatusCode, elapsed_ms: float, received: int, sent: int | None
     ) -> None:
-        """Record one finished RPC in the histograms."""
-        if instruments.aggregates is None:
-            attrs = self.code_attributes(code)
-            instruments.duration.record(elapsed_ms, attrs)
-            if self.records_requests:
-                instruments.requests_per_rpc.record(received, attrs)
-            if sent is not None and self.records_responses:
-                instruments.responses_per_rpc.record(sent, attrs)
+        """Record one finished RPC in the histograms: through the SDK, or with meshrpc's
+        aggregates' next batch (see `Aggregates.later`)."""
+        aggregates = instruments.aggregates
+        if aggregates is not None:
+            pending = aggregates.pending
+            pending.append((self.aggregate, instruments, code, elapsed_ms, received, sent))
+            if len(pending) >= BATCH:
+                aggregates.aggregate_batch()
             return
+        attrs = self.code_attributes(code)
+        instruments.duration.record(elapsed_ms, attrs)
+        if self.records_requests:
+            instruments.requests_per_rpc.record(received, attrs)
+        if sent is not None and self.records_responses:
+            instruments.responses_per_rpc.record(sent, attrs)
+
+    def aggregate(
+        self, instruments: _Instruments, code: grpc.StatusCode, elapsed_ms: float, received: int, sent: int | None
+    ) -> None:
+        """Put one finished RPC into meshrpc's aggregates (a batch at a time, see `Aggregates.later`)."""
         streams = self._ok if code is _OK else self._streams.get(code)
         if streams is None:
             streams = self._streams[code] = _Streams(instruments, self.code_attributes(code))
@@ -286,8 +299,14 @@ class Observation:
                     attributes=method.span_attributes(context.peer() or ""),
                 )
             self.span: trace.Span | None = span
-            # The span is current while the handler runs: its own spans and log lines nest under it.
-            self.token: object | None = otel_context.attach(trace.set_span_in_context(span))
+            # The span is current while the handler runs: its own spans and log lines nest
+            # under it.  A dropped call's span is set behind the stand-in that is current in
+            # every RPC task already, where the server installed one (see StandIn).
+            if span.__class__ is Dropped and dropped_span.get(_ABSENT) is not _ABSENT:
+                dropped_span.set(span)
+                self.token: object | None = None
+            else:
+                self.token = otel_context.attach(trace.set_span_in_context(span))
         else:
             self.span = self.token = None
         if method.instruments is not None:
@@ -297,12 +316,19 @@ class Observation:
         """End the RPC's span and record it: ``exc`` is what the handler raised (None if it
         returned), ``sent`` the replies of a server stream (None if not known)."""
         method = self.method
-        code = final_code(self.context, exc)
+        if exc is None:  # final_code's first case, without its call
+            code = self.context.code()
+            if not isinstance(code, _StatusCode):
+                code = _OK
+        else:
+            code = final_code(self.context, exc)
         elapsed_ms = (time.perf_counter() - self.start) * 1000 if method.timed else 0.0
         span = self.span
         if span is not None:
-            otel_context.detach(self.token)  # type: ignore[arg-type]
-            if span.is_recording():  # not for the ones the sampler dropped
+            token = self.token
+            if token is not None:
+                otel_context.detach(token)  # type: ignore[arg-type]
+            if span.__class__ is not Dropped and span.is_recording():  # not for the ones the sampler dropped
                 number = 0 if code is _OK else _CODE_NUMBERS[code]
                 if span.__class__ is ServerSpan:
                     span.own_attribute("rpc.grpc.status_code", number)
@@ -314,7 +340,14 @@ class Observation:
         instruments = method.instruments
         if instruments is not None:
             method.active -= 1
-            method.record(instruments, code, elapsed_ms, self.received, sent)
+            aggregates = instruments.aggregates
+            if aggregates is not None:  # as record() does it, without its call
+                pending = aggregates.pending
+                pending.append((method.aggregate, instruments, code, elapsed_ms, self.received, sent))
+                if len(pending) >= BATCH:
+                    aggregates.aggregate_batch()
+            else:
+                method.record(instruments, code, elapsed_ms, self.received, sent)
         if method.logs and (method.sample_rate >= 1.0 or random.random() < method.sample_rate):
             self._access_log(code, elapsed_ms)
 
@@ -374,6 +407,14 @@ Observe = Callable[[MethodSpec], Begin]
 def observer(telemetry: Telemetry) -> Observe:
     """How the RPCs of each method are observed, as ``telemetry`` asks."""
     return _Tools(telemetry).begin_for
+
+
+def drops_spans(observe: Observe) -> bool:
+    """Whether ``observe`` (from `observer`) decides sampling before the SDK, making the
+    spans of dropped calls itself: then a server that stands the stand-in in its RPC
+    tasks (see _sampling.StandIn) saves making each of them current."""
+    tools = getattr(observe, "__self__", None)
+    return isinstance(tools, _Tools) and tools.presampler is not None
 
 
 # A trace id as W3C and B3 write it: 32 (or, B3 only, 16) lowercase hex digits.  What
