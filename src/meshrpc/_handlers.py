@@ -20,7 +20,7 @@ from google.protobuf.message import DecodeError
 from ._errors import AppError
 from ._failures import HANDLER_ERRORS, fail, wrong_reply
 from ._middleware import Middleware, applicable, compose
-from ._overload import LoadShedder, Refusal
+from ._overload import COST_WEIGHT, SHED, LoadShedder, Refusal
 from ._rpc_context import current_rpc
 from ._service import MethodSpec, RpcKind
 from ._sync import adapt, is_sync
@@ -172,9 +172,13 @@ def _single_reply(outer: _Outer, impl: Handler) -> Handler:
     async def replying(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         enter(context)
         # Admission first, before any parsing: what is refused here costs the least.
-        refused = admit(context)
-        if refused is not None:
-            return _turned_away(context, begin, refused)
+        if shedder.share and shedder.refuse():  # the event loop's own queue is too long
+            return _turned_away(context, begin, SHED)
+        remaining = context.time_remaining()
+        if remaining is not None:
+            refused = admit(remaining)
+            if refused is not None:
+                return _turned_away(context, begin, refused)
         if parse is not None:
             try:
                 request = parse(request)
@@ -205,8 +209,8 @@ def _single_reply(outer: _Outer, impl: Handler) -> Handler:
             await fail(context, spec, exc)
         finally:
             inflight.count -= 1
-            if timed:
-                budget.took(perf_counter() - timed)
+            if timed:  # budget.took(...), inline
+                budget.cost += (perf_counter() - timed - budget.cost) * COST_WEIGHT
             if obs is not None:
                 obs.finish(error, None)
 
@@ -230,9 +234,13 @@ def _iterated_stream(outer: _Outer, impl: Handler) -> Handler:
     async def streaming(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
         enter(context)
         # Admission first, before any parsing: what is refused here costs the least.
-        refused = admit(context)
-        if refused is not None:
-            return _turned_away(context, begin, refused)
+        if shedder.share and shedder.refuse():  # the event loop's own queue is too long
+            return _turned_away(context, begin, SHED)
+        remaining = context.time_remaining()
+        if remaining is not None:
+            refused = admit(remaining)
+            if refused is not None:
+                return _turned_away(context, begin, refused)
         if parse is not None:
             try:
                 request = parse(request)
@@ -266,8 +274,8 @@ def _iterated_stream(outer: _Outer, impl: Handler) -> Handler:
             await fail(context, spec, exc)
         finally:
             inflight.count -= 1
-            if timed:
-                budget.took(perf_counter() - timed)
+            if timed:  # budget.took(...), inline
+                budget.cost += (perf_counter() - timed - budget.cost) * COST_WEIGHT
             if obs is not None:
                 obs.finish(error, sent)
 
@@ -289,9 +297,13 @@ def _delegated_stream(outer: _Outer, impl: Handler) -> Handler:
     async def writing(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
         enter(context)
         # Admission first, before any parsing: what is refused here costs the least.
-        refused = admit(context)
-        if refused is not None:
-            return _turned_away(context, begin, refused)
+        if shedder.share and shedder.refuse():  # the event loop's own queue is too long
+            return _turned_away(context, begin, SHED)
+        remaining = context.time_remaining()
+        if remaining is not None:
+            refused = admit(remaining)
+            if refused is not None:
+                return _turned_away(context, begin, refused)
         if parse is not None:
             try:
                 request = parse(request)
@@ -320,8 +332,8 @@ def _delegated_stream(outer: _Outer, impl: Handler) -> Handler:
             await fail(context, spec, exc)
         finally:
             inflight.count -= 1
-            if timed:
-                budget.took(perf_counter() - timed)
+            if timed:  # budget.took(...), inline
+                budget.cost += (perf_counter() - timed - budget.cost) * COST_WEIGHT
             if obs is not None:
                 obs.finish(error, sent if sent.__class__ is int else None)
 

@@ -37,7 +37,6 @@ import collections
 import random
 import time
 from collections.abc import Callable
-from typing import Any
 
 import grpc
 
@@ -59,6 +58,7 @@ BUDGET_WINDOW = 5.0  # seconds a method's largest time remaining is remembered f
 # A handler that takes less than this costs about what refusing its call does (grpc.aio's
 # accept and answer, measured here at 0.15-0.25 ms): shedding its calls saves nothing.
 WORTH_SHEDDING = 0.0005
+COST_WEIGHT = 0.1  # a handler's weight in its method's average cost (an exponential moving average)
 
 SHED_DETAILS = "the server is overloaded: refused before the handler ran, safe to retry on another replica"
 LATE_DETAILS = "the call's deadline passed while it waited for the server: its handler was not started"
@@ -118,21 +118,20 @@ class LoadShedder:
         self.saturated = False  # every call of the last interval waited longer than the target
         self.budgets: list[Budget] = []  # one per method, rotated by the sampler
 
-    def admission(self) -> tuple[Callable[[Any], Refusal | None], Budget]:
-        """One method's admission check: ``admit(context)`` is None for a call to serve, else
-        the refusal to answer it with; and the method's :class:`Budget`, which the wrapper
-        tells what its handler took while saturated."""
+    def admission(self) -> tuple[Callable[[float], Refusal | None], Budget]:
+        """One method's deadline check and its :class:`Budget`.
+
+        Per call the handler wrapper first asks `refuse` when ``share`` is set (the event
+        loop's own queue is too long), then ``admit(remaining)`` for a call with a deadline
+        (``remaining`` seconds left when its handler would start): None for a call to
+        serve, else the refusal to answer it with.  While the server is saturated the
+        wrapper adds what each handler took to the budget's ``cost`` (see `Budget`)."""
         budget = Budget()
         self.budgets.append(budget)
         target = self.target if self.target is not None else float("inf")
         min_remaining = self.min_remaining
 
-        def admit(context: Any) -> Refusal | None:
-            if self.share and self.refuse():  # the event loop's own queue is too long
-                return SHED
-            remaining = context.time_remaining()
-            if remaining is None:
-                return None
+        def admit(remaining: float) -> Refusal | None:
             if remaining <= min_remaining:
                 self.late += 1
                 return LATE
@@ -145,7 +144,7 @@ class LoadShedder:
             wait = budget.estimate - remaining
             if wait < self.min_wait:
                 self.min_wait = wait
-            if self.saturated and wait > target and budget.worth_shedding:
+            if self.saturated and wait > target and budget.cost >= WORTH_SHEDDING:
                 self.shed += 1  # it waited longer than tolerated, in grpc's queue, while saturated
                 return SHED
             return None
@@ -220,23 +219,29 @@ class Budget:
 
     The largest time remaining seen at the start of its calls, lately, estimates the
     timeout its callers use, so ``estimate - remaining`` is how long a call waited before
-    its handler could start.  And what its handler takes, measured only while the server
-    is saturated: refusing a call costs about what accepting it does, so refusing calls
-    of a method whose handler costs no more than that shortens no queue; it would only
-    turn calls away.  Such a method's calls are never shed for their wait.
+    its handler could start.  And ``cost``, what its handler takes, measured only while the
+    server is saturated: the wrapper adds each handler's seconds as
+    ``cost += (seconds - cost) * COST_WEIGHT`` (inline: a call of a method here would cost
+    every call of a saturated server).  Refusing a call costs about what accepting it
+    does, so refusing calls of a method whose handler costs less than `WORTH_SHEDDING`
+    shortens no queue; it would only turn calls away.  Such a method's calls are never
+    shed for their wait.
     """
 
-    __slots__ = ("cost", "estimate", "seen", "worth_shedding")
+    __slots__ = ("cost", "estimate", "seen")
 
     def __init__(self) -> None:
         self.seen = 0.0  # the largest in this window
         self.estimate = 0.0  # the largest in this window and the last
         self.cost = WORTH_SHEDDING  # seconds a handler takes, averaged (assumed worth it until measured)
-        self.worth_shedding = True
+
+    @property
+    def worth_shedding(self) -> bool:
+        return self.cost >= WORTH_SHEDDING
 
     def took(self, seconds: float) -> None:
-        self.cost += (seconds - self.cost) * 0.1
-        self.worth_shedding = self.cost >= WORTH_SHEDDING
+        """Add one handler's ``seconds`` to ``cost`` (what the wrapper does inline)."""
+        self.cost += (seconds - self.cost) * COST_WEIGHT
 
     def rotate(self) -> None:
         self.estimate, self.seen = self.seen, 0.0
