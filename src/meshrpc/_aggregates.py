@@ -73,7 +73,7 @@ class Stream:
     Aggregated as the SDK's ``_ExplicitBucketHistogramAggregation`` does, step for
     step (bucket by ``bisect_left``, the interval's sum folded into the cumulative
     one at each collection), so a point equals the SDK's to the last bit of its sum.
-    Recorded and collected only under `Aggregates.flushing` (see `Aggregates.later`).
+    Recorded and collected only under `Aggregates.flushing` (see `Aggregates.aggregate_batch`).
     """
 
     __slots__ = (
@@ -215,7 +215,7 @@ class Aggregates:
         self.instruments: list[Instrument] = []
         self.lock = threading.Lock()
         # Each entry is ``(record, *arguments)``: one finished call's measurements, for
-        # ``record(*arguments)`` to put into the streams (see `later`).
+        # ``record(*arguments)`` to put into the streams (see `aggregate_batch`).
         self.pending: collections.deque[tuple[Any, ...]] = collections.deque()
         # Held while measurements are aggregated or the streams collected: the event loop's
         # thread aggregates, a reader's thread collects.

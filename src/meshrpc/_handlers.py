@@ -209,7 +209,7 @@ def _single_reply(outer: _Outer, impl: Handler) -> Handler:
             await fail(context, spec, exc)
         finally:
             inflight.count -= 1
-            if timed:  # budget.took(...), inline
+            if timed:  # what a handler costs, averaged (see Budget)
                 budget.cost += (perf_counter() - timed - budget.cost) * COST_WEIGHT
             if obs is not None:
                 obs.finish(error, None)
@@ -274,7 +274,7 @@ def _iterated_stream(outer: _Outer, impl: Handler) -> Handler:
             await fail(context, spec, exc)
         finally:
             inflight.count -= 1
-            if timed:  # budget.took(...), inline
+            if timed:  # what a handler costs, averaged (see Budget)
                 budget.cost += (perf_counter() - timed - budget.cost) * COST_WEIGHT
             if obs is not None:
                 obs.finish(error, sent)
@@ -332,7 +332,7 @@ def _delegated_stream(outer: _Outer, impl: Handler) -> Handler:
             await fail(context, spec, exc)
         finally:
             inflight.count -= 1
-            if timed:  # budget.took(...), inline
+            if timed:  # what a handler costs, averaged (see Budget)
                 budget.cost += (perf_counter() - timed - budget.cost) * COST_WEIGHT
             if obs is not None:
                 obs.finish(error, sent if sent.__class__ is int else None)

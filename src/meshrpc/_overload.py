@@ -235,13 +235,5 @@ class Budget:
         self.estimate = 0.0  # the largest in this window and the last
         self.cost = WORTH_SHEDDING  # seconds a handler takes, averaged (assumed worth it until measured)
 
-    @property
-    def worth_shedding(self) -> bool:
-        return self.cost >= WORTH_SHEDDING
-
-    def took(self, seconds: float) -> None:
-        """Add one handler's ``seconds`` to ``cost`` (what the wrapper does inline)."""
-        self.cost += (seconds - self.cost) * COST_WEIGHT
-
     def rotate(self) -> None:
         self.estimate, self.seen = self.seen, 0.0

@@ -229,15 +229,8 @@ class _Method:
     def record(
         self, instruments: _Instruments, code: grpc.StatusCode, elapsed_ms: float, received: int, sent: int | None
     ) -> None:
-        """Record one finished RPC in the histograms: through the SDK, or with meshrpc's
-        aggregates' next batch (see `Aggregates.later`)."""
-        aggregates = instruments.aggregates
-        if aggregates is not None:
-            pending = aggregates.pending
-            pending.append((self.aggregate, instruments, code, elapsed_ms, received, sent))
-            if len(pending) >= BATCH:
-                aggregates.aggregate_batch()
-            return
+        """Record one finished RPC in the histograms through the SDK (a MeterProvider meshrpc
+        did not build; with meshrpc's aggregates, see `aggregate`)."""
         attrs = self.code_attributes(code)
         instruments.duration.record(elapsed_ms, attrs)
         if self.records_requests:
@@ -248,7 +241,7 @@ class _Method:
     def aggregate(
         self, instruments: _Instruments, code: grpc.StatusCode, elapsed_ms: float, received: int, sent: int | None
     ) -> None:
-        """Put one finished RPC into meshrpc's aggregates (a batch at a time, see `Aggregates.later`)."""
+        """Put one finished RPC into meshrpc's aggregates (a batch at a time, see `Aggregates.aggregate_batch`)."""
         streams = self._ok if code is _OK else self._streams.get(code)
         if streams is None:
             streams = self._streams[code] = _Streams(instruments, self.code_attributes(code))
@@ -341,7 +334,7 @@ class Observation:
         if instruments is not None:
             method.active -= 1
             aggregates = instruments.aggregates
-            if aggregates is not None:  # as record() does it, without its call
+            if aggregates is not None:  # aggregated with the next batch (see Aggregates.aggregate_batch)
                 pending = aggregates.pending
                 pending.append((method.aggregate, instruments, code, elapsed_ms, self.received, sent))
                 if len(pending) >= BATCH:
