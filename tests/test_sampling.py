@@ -271,3 +271,29 @@ async def test_a_served_call_that_is_dropped_still_has_its_trace_everywhere(
     assert results[-1]["seen"][0] == int("ab" * 16, 16) and results[-1]["seen"][1] != int("cd" * 8, 16)
     logged = {r.getMessage().split()[-1]: r.trace_id for r in caplog.records if r.name == "tests.traced"}  # type: ignore[attr-defined]
     assert logged == {str(i) if i < 19 else "child": f"{r['seen'][0]:032x}" for i, r in enumerate(results)}
+
+
+class SyncTraced(helloworld_pb2_grpc.GreeterServicer):
+    """A ``def`` handler, run in meshrpc's thread pool: reports the span context it sees."""
+
+    def SayHello(self, request: Any, context: Any) -> Any:
+        current = trace.get_current_span()
+        seen = current.get_span_context()
+        return helloworld_pb2.HelloReply(
+            message=f"{seen.trace_id:032x} {seen.is_valid} {int(seen.trace_flags)} {current is STAND_IN}"
+        )
+
+
+async def test_a_def_handler_in_a_thread_sees_its_own_dropped_call_s_trace(dropping: InMemorySpanExporter) -> None:
+    async with testing.running(meshrpc.App("sync", services=[SyncTraced()])) as served:
+        stub = helloworld_pb2_grpc.GreeterStub(served.channel)
+        replies = await asyncio.gather(
+            *(
+                stub.SayHello(
+                    helloworld_pb2.HelloRequest(name=str(i)), metadata=(("traceparent", f"00-{i:032x}-{'cd' * 8}-00"),)
+                )
+                for i in range(1, 11)
+            )
+        )
+    assert [r.message for r in replies] == [f"{i:032x} True 0 True" for i in range(1, 11)]
+    assert dropping.get_finished_spans() == ()
