@@ -238,7 +238,7 @@ def test_a_full_batch_never_waits_for_a_collection_in_progress() -> None:
         for _ in range(BATCH * 3):
             batched(aggregates, stream.record, 1.0)
         assert len(aggregates.pending) == BATCH * 3 and sum(stream.counts) == 0
-    aggregates.flush()
+    aggregates.aggregate_batch()  # the collection is over: the next batch takes everything
     assert sum(stream.counts) == BATCH * 3 and not aggregates.pending
 
 

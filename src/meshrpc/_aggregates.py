@@ -238,11 +238,6 @@ class Aggregates:
             finally:
                 self.flushing.release()
 
-    def flush(self) -> None:
-        """Aggregate every pending measurement now."""
-        with self.flushing:
-            self._drain()
-
     def _drain(self) -> None:
         pending = self.pending
         popleft = pending.popleft

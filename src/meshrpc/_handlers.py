@@ -20,7 +20,7 @@ from google.protobuf.message import DecodeError
 from ._errors import AppError
 from ._failures import HANDLER_ERRORS, fail, wrong_reply
 from ._middleware import Middleware, applicable, compose
-from ._overload import COST_WEIGHT, SHED, LoadShedder, Refusal
+from ._overload import COST_WEIGHT, LoadShedder, Refusal
 from ._rpc_context import current_rpc
 from ._service import MethodSpec, RpcKind
 from ._sync import adapt, is_sync
@@ -172,10 +172,8 @@ def _single_reply(outer: _Outer, impl: Handler) -> Handler:
     async def replying(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         enter(context)
         # Admission first, before any parsing: what is refused here costs the least.
-        if shedder.share and shedder.refuse():  # the event loop's own queue is too long
-            return _turned_away(context, begin, SHED)
         remaining = context.time_remaining()
-        if remaining is not None:
+        if shedder.share or remaining is not None:  # else nothing can refuse it: no call
             refused = admit(remaining)
             if refused is not None:
                 return _turned_away(context, begin, refused)
@@ -234,10 +232,8 @@ def _iterated_stream(outer: _Outer, impl: Handler) -> Handler:
     async def streaming(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
         enter(context)
         # Admission first, before any parsing: what is refused here costs the least.
-        if shedder.share and shedder.refuse():  # the event loop's own queue is too long
-            return _turned_away(context, begin, SHED)
         remaining = context.time_remaining()
-        if remaining is not None:
+        if shedder.share or remaining is not None:  # else nothing can refuse it: no call
             refused = admit(remaining)
             if refused is not None:
                 return _turned_away(context, begin, refused)
@@ -297,10 +293,8 @@ def _delegated_stream(outer: _Outer, impl: Handler) -> Handler:
     async def writing(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
         enter(context)
         # Admission first, before any parsing: what is refused here costs the least.
-        if shedder.share and shedder.refuse():  # the event loop's own queue is too long
-            return _turned_away(context, begin, SHED)
         remaining = context.time_remaining()
-        if remaining is not None:
+        if shedder.share or remaining is not None:  # else nothing can refuse it: no call
             refused = admit(remaining)
             if refused is not None:
                 return _turned_away(context, begin, refused)

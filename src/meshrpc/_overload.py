@@ -118,20 +118,24 @@ class LoadShedder:
         self.saturated = False  # every call of the last interval waited longer than the target
         self.budgets: list[Budget] = []  # one per method, rotated by the sampler
 
-    def admission(self) -> tuple[Callable[[float], Refusal | None], Budget]:
+    def admission(self) -> tuple[Callable[[float | None], Refusal | None], Budget]:
         """One method's deadline check and its :class:`Budget`.
 
-        Per call the handler wrapper first asks `refuse` when ``share`` is set (the event
-        loop's own queue is too long), then ``admit(remaining)`` for a call with a deadline
-        (``remaining`` seconds left when its handler would start): None for a call to
-        serve, else the refusal to answer it with.  While the server is saturated the
-        wrapper adds what each handler took to the budget's ``cost`` (see `Budget`)."""
+        The handler wrapper asks ``admit(remaining)`` (``remaining``: the seconds the call
+        has left, None without a deadline) only when ``share`` is set or the call has a
+        deadline, the only cases that can refuse it: None for a call to serve, else the
+        refusal to answer it with.  While the server is saturated the wrapper adds what
+        each handler took to the budget's ``cost`` (see `Budget`)."""
         budget = Budget()
         self.budgets.append(budget)
         target = self.target if self.target is not None else float("inf")
         min_remaining = self.min_remaining
 
-        def admit(remaining: float) -> Refusal | None:
+        def admit(remaining: float | None) -> Refusal | None:
+            if self.share and self.refuse():  # the event loop's own queue is too long
+                return SHED
+            if remaining is None:
+                return None
             if remaining <= min_remaining:
                 self.late += 1
                 return LATE

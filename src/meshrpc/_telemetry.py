@@ -90,7 +90,6 @@ class Telemetry:
 # code's hash is Enum's, in Python).
 _CODE_NUMBERS = {code: code.value[0] for code in grpc.StatusCode}
 _OK = grpc.StatusCode.OK
-_StatusCode = grpc.StatusCode
 _ABSENT = object()  # dropped_span's value outside a server's RPC tasks
 
 
@@ -309,19 +308,14 @@ class Observation:
         """End the RPC's span and record it: ``exc`` is what the handler raised (None if it
         returned), ``sent`` the replies of a server stream (None if not known)."""
         method = self.method
-        if exc is None:  # final_code's first case, without its call
-            code = self.context.code()
-            if not isinstance(code, _StatusCode):
-                code = _OK
-        else:
-            code = final_code(self.context, exc)
+        code = final_code(self.context, exc)
         elapsed_ms = (time.perf_counter() - self.start) * 1000 if method.timed else 0.0
         span = self.span
         if span is not None:
             token = self.token
             if token is not None:
                 otel_context.detach(token)  # type: ignore[arg-type]
-            if span.__class__ is not Dropped and span.is_recording():  # not for the ones the sampler dropped
+            if span.is_recording():  # not for the ones the sampler dropped
                 number = 0 if code is _OK else _CODE_NUMBERS[code]
                 if span.__class__ is ServerSpan:
                     span.own_attribute("rpc.grpc.status_code", number)
