@@ -297,3 +297,48 @@ async def test_a_def_handler_in_a_thread_sees_its_own_dropped_call_s_trace(dropp
         )
     assert [r.message for r in replies] == [f"{i:032x} True 0 True" for i in range(1, 11)]
     assert dropping.get_finished_spans() == ()
+
+
+class Deciding(helloworld_pb2_grpc.GreeterServicer):
+    """Reports the current span: its trace id, flags, and whether it records."""
+
+    async def SayHello(self, request: Any, context: Any) -> Any:
+        current = trace.get_current_span()
+        seen = current.get_span_context()
+        return helloworld_pb2.HelloReply(
+            message=json.dumps([seen.trace_id, int(seen.trace_flags), current.is_recording()])
+        )
+
+
+async def test_served_new_traces_are_sampled_as_the_configured_sampler_samples_them() -> None:
+    """Through a real server, with the SDK's own random ids: the new traces it drops are
+    decided in the observation itself, without PreSampler.start; every call's decision is
+    still the sampler's own for its trace id, and only the sampled calls reach the SDK."""
+    reset_otel_globals()
+    sampler = ParentBasedTraceIdRatio(0.3)
+    spans = InMemorySpanExporter()
+    made = TracerProvider(sampler=sampler)
+    made.add_span_processor(SimpleSpanProcessor(spans))
+    trace.set_tracer_provider(made)
+    try:
+        async with testing.running(meshrpc.App("deciding", services=[Deciding()])) as served:
+            stub = helloworld_pb2_grpc.GreeterStub(served.channel)
+            replies = []
+            for start in range(0, 300, 50):
+                batch = await asyncio.gather(
+                    *(stub.SayHello(helloworld_pb2.HelloRequest(name=str(i))) for i in range(start, start + 50))
+                )
+                replies += [json.loads(r.message) for r in batch]
+    finally:
+        reset_otel_globals()
+    random_flag = getattr(TraceFlags, "RANDOM_TRACE_ID", 0)
+    sampled = []
+    for trace_id, flags, recording in replies:
+        expected = sampler.should_sample(None, trace_id, "helloworld.Greeter/SayHello").decision.is_sampled()
+        assert recording is expected and bool(flags & TraceFlags.SAMPLED) is expected
+        assert flags & ~TraceFlags.SAMPLED == random_flag  # the SDK's flags for a new trace
+        if expected:
+            sampled.append(trace_id)
+    assert len({trace_id for trace_id, _, _ in replies}) == 300
+    assert 30 < len(sampled) < 180  # about 90 of 300
+    assert sorted(s.context.trace_id for s in spans.get_finished_spans()) == sorted(sampled)
