@@ -277,19 +277,19 @@ class Observation:
         self.received = 0
         tracer = method.tracer
         if tracer is not None:
-            # The caller's span context, read by meshrpc for a lone traceparent, or the
-            # context the global propagator extracted (see _propagation).
-            # The metadata grpc built to find the handler, read here, not through
-            # request_metadata: a Python call fewer per RPC (each one counts, see
-            # docs/performance.md).
+            # The metadata grpc built to find the handler, read here rather than through
+            # request_metadata: a Python call fewer per RPC (under load each one counts,
+            # see docs/performance.md).
             details = _call_details(None)
             if details is not None and details.method == method.path:
                 metadata = details.invocation_metadata or ()
             else:
                 metadata = request_metadata(context, method.path)
+            # The caller's span context, read by meshrpc for a lone traceparent, or the
+            # context the global propagator extracted (see _propagation).  A call with
+            # none of the propagator's headers (no traced caller) is told by a set
+            # operation, without extract's call.
             incoming = method.incoming
-            # Most calls carry none of the propagator's headers when no caller is traced:
-            # told by a set operation, without extract's call.
             remote, parent = (None, None) if incoming.fields.isdisjoint(dict(metadata)) else incoming.extract(metadata)
             presampler = method.presampler
             if presampler is not None:
