@@ -81,7 +81,14 @@ class _Drawn:
         return bool(check()) if check is not None else False
 
 
-class Dropped(NonRecordingSpan):
+class _Deferred(NonRecordingSpan):
+    """A non-recording span whose context is worked out when read, not given at creation."""
+
+    def __repr__(self) -> str:
+        return f"NonRecordingSpan({self.get_span_context()!r})"
+
+
+class Dropped(_Deferred):
     """The span of a call the sampler dropped, as the SDK makes it, with its span id drawn
     when something first reads its context (a log line, an outgoing call, a child span):
     most such calls never do, and building the context is most of the cost of the span."""
@@ -98,9 +105,6 @@ class Dropped(NonRecordingSpan):
             context = self.made = SpanContext(trace_id, span_id(), False, flags, trace_state)
         return context
 
-    def __repr__(self) -> str:
-        return f"NonRecordingSpan({self.get_span_context()!r})"
-
 
 # A Dropped made without its __init__, then given only ``parts``: where most calls make
 # one (see Observation), a Python call fewer per call.
@@ -111,7 +115,7 @@ new_dropped = object.__new__
 dropped_span: contextvars.ContextVar[Dropped | None] = contextvars.ContextVar("meshrpc_dropped_span")
 
 
-class StandIn(NonRecordingSpan):
+class StandIn(_Deferred):
     """The current span in every RPC task of a server, standing in for the span of the call
     the sampler dropped, which it reads from `dropped_span`.
 
@@ -135,9 +139,6 @@ class StandIn(NonRecordingSpan):
     def get_span_context(self) -> SpanContext:
         span = dropped_span.get(None)
         return span.get_span_context() if span is not None else INVALID_SPAN_CONTEXT
-
-    def __repr__(self) -> str:
-        return f"NonRecordingSpan({self.get_span_context()!r})"
 
 
 STAND_IN = StandIn()

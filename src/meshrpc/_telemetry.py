@@ -35,7 +35,7 @@ from ._errors import StatusError
 from ._failures import final_code
 from ._overload import LoadShedder
 from ._propagation import Incoming, as_context
-from ._rpc_context import call_details, current_rpc, incoming_metadata, request_metadata
+from ._rpc_context import current_rpc, incoming_metadata, request_metadata
 from ._sampling import LOW_64, Dropped, PreSampler, dropped_span, getrandbits, new_dropped
 from ._service import MethodSpec, RpcKind
 from ._spans import ServerSpan
@@ -92,7 +92,6 @@ _CODE_NUMBERS = {code: code.value[0] for code in grpc.StatusCode}
 _OK = grpc.StatusCode.OK
 _STATUS_CODE = grpc.StatusCode
 _ABSENT = object()  # dropped_span's value outside a server's RPC tasks
-_call_details = call_details.get
 
 
 class _Instruments:
@@ -277,14 +276,7 @@ class Observation:
         self.received = 0
         tracer = method.tracer
         if tracer is not None:
-            # The metadata grpc built to find the handler, read here rather than through
-            # request_metadata: a Python call fewer per RPC (under load each one counts,
-            # see docs/performance.md).
-            details = _call_details(None)
-            if details is not None and details.method == method.path:
-                metadata = details.invocation_metadata or ()
-            else:
-                metadata = request_metadata(context, method.path)
+            metadata = request_metadata(context, method.path)
             # The caller's span context, read by meshrpc for a lone traceparent, or the
             # context the global propagator extracted (see _propagation).  A call with
             # none of the propagator's headers (no traced caller) is told by a set
@@ -331,10 +323,11 @@ class Observation:
         """End the RPC's span and record it: ``exc`` is what the handler raised (None if it
         returned), ``sent`` the replies of a server stream (None if not known)."""
         method = self.method
-        # final_code's first case inline: a handler that returned, most calls.
+        # final_code's first case inline, a handler that returned (most calls): the code it
+        # set, and OK for anything else (None: none set).
         code = self.context.code() if exc is None else final_code(self.context, exc)
         if code.__class__ is not _STATUS_CODE:
-            code = _OK if code is None else final_code(self.context, exc)
+            code = _OK
         elapsed_ms = (time.perf_counter() - self.start) * 1000 if method.timed else 0.0
         span = self.span
         if span is not None:
