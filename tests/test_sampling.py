@@ -320,15 +320,18 @@ async def test_served_new_traces_are_sampled_as_the_configured_sampler_samples_t
     made = TracerProvider(sampler=sampler)
     made.add_span_processor(SimpleSpanProcessor(spans))
     trace.set_tracer_provider(made)
+    replies = []
     try:
-        async with testing.running(meshrpc.App("deciding", services=[Deciding()])) as served:
-            stub = helloworld_pb2_grpc.GreeterStub(served.channel)
-            replies = []
-            for start in range(0, 300, 50):
-                batch = await asyncio.gather(
-                    *(stub.SayHello(helloworld_pb2.HelloRequest(name=str(i))) for i in range(start, start + 50))
-                )
-                replies += [json.loads(r.message) for r in batch]
+        # Two servers one after another in one process, as a test suite starts them: the
+        # second decides as the first (the SDK gives both the same tracer object).
+        for _ in range(2):
+            async with testing.running(meshrpc.App("deciding", services=[Deciding()])) as served:
+                stub = helloworld_pb2_grpc.GreeterStub(served.channel)
+                for start in range(0, 150, 50):
+                    batch = await asyncio.gather(
+                        *(stub.SayHello(helloworld_pb2.HelloRequest(name=str(i))) for i in range(start, start + 50))
+                    )
+                    replies += [json.loads(r.message) for r in batch]
     finally:
         reset_otel_globals()
     random_flag = getattr(TraceFlags, "RANDOM_TRACE_ID", 0)
@@ -341,4 +344,30 @@ async def test_served_new_traces_are_sampled_as_the_configured_sampler_samples_t
             sampled.append(trace_id)
     assert len({trace_id for trace_id, _, _ in replies}) == 300
     assert 30 < len(sampled) < 180  # about 90 of 300
+    assert sorted(s.context.trace_id for s in spans.get_finished_spans()) == sorted(sampled)
+
+
+def test_a_process_that_builds_server_after_server_keeps_sampling_as_the_sampler() -> None:
+    """The SDK hands out one tracer per name and version: every server built in a process
+    (a thousand, in a long test suite) meets the same tracer, and the last one still
+    starts its spans, decides as the sampler, and draws new trace ids the SDK's way."""
+    sampler = ParentBasedTraceIdRatio(0.3)
+    spans = InMemorySpanExporter()
+    provider = TracerProvider(sampler=sampler)
+    provider.add_span_processor(SimpleSpanProcessor(spans))
+    tracer = provider.get_tracer("meshrpc", meshrpc.__version__)
+    presamplers = [PreSampler.for_tracer(provider.get_tracer("meshrpc", meshrpc.__version__)) for _ in range(1_100)]
+    last = presamplers[-1]
+    assert last is not None and last.random_ids  # the SDK's own random ids: the fast path
+    assert type(tracer.id_generator.inner) is RandomIdGenerator  # wrapped once
+    decided = [last.start("helloworld.Greeter/SayHello", None, lambda peer: {}, lambda: None) for _ in range(300)]
+    sampled = []
+    for span in decided:
+        seen = span.get_span_context()
+        expected = sampler.should_sample(None, seen.trace_id, "helloworld.Greeter/SayHello").decision.is_sampled()
+        assert span.is_recording() is expected and seen.trace_flags.sampled is expected
+        if expected:
+            sampled.append(seen.trace_id)
+            span.end()
+    assert 30 < len(sampled) < 180
     assert sorted(s.context.trace_id for s in spans.get_finished_spans()) == sorted(sampled)

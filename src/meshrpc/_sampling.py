@@ -167,8 +167,14 @@ class PreSampler:
         self.bound = bound
         self.parent_based = parent_based
         self.spans = spans  # meshrpc's own sampled spans, when meshrpc built the provider
-        self.ids = _Drawn(tracer.id_generator)
-        tracer.id_generator = self.ids  # meshrpc's own tracer object: no one else's spans
+        # The SDK hands out one tracer per name and version, so a process that builds one
+        # server after another (a test suite) meets the generator it wrapped before: it is
+        # wrapped once, not once per server (each layer cost every later server its fast
+        # path, and a thousand of them the recursion limit).  Pins are per thread.
+        ids = tracer.id_generator  # meshrpc's own tracer: no one else's spans
+        if type(ids) is not _Drawn:
+            ids = tracer.id_generator = _Drawn(ids)
+        self.ids: _Drawn = ids
         # Read once: asked on every call.  The SDK's own generator's rule, drawn here without
         # its call: 128 random bits, drawn again if all zero.
         self.random_ids = type(self.ids.inner) is RandomIdGenerator
