@@ -86,12 +86,22 @@ def test_points_equal_the_sdk_histograms_field_by_field(delta: bool) -> None:
         counts = ours_counts.streams_for(ATTRS)[0]
         seen = 0
         for round_, n in enumerate([40_000, 0, 25_000, 35_000]):
+            # OK's durations in lists of every length up to a batch's, as a method's queue
+            # hands them over (Stream.record_many); the other code's one at a time.
+            held: list[float] = []
             for i, value in enumerate(values(n, round_)):
-                attrs, stream = (OTHER, unavailable) if i % 7 == 3 else (ATTRS, ok)
+                attrs = OTHER if i % 7 == 3 else ATTRS
                 sdk.record(value, attrs)
-                stream.record(value)
+                if attrs is OTHER:
+                    unavailable.record(value)
+                else:
+                    held.append(value)
+                    if len(held) >= 1 + i % BATCH:
+                        ok.record_many(held)
+                        held = []
                 sdk_counts.record(i % 11, ATTRS)  # integers: the sum stays an int, as the SDK's does
                 counts.record(i % 11)
+            ok.record_many(held)
             seen += n
             got = points(reader, reader.get_metrics_data())
             if delta and n == 0:
@@ -206,24 +216,46 @@ def batched(aggregates: Aggregates, record: Any, value: float) -> None:
         aggregates.aggregate_batch()
 
 
-def test_measurements_wait_for_a_batch_and_every_collection_includes_them() -> None:
+def queued(aggregates: Aggregates, queue: Any, value: float) -> None:
+    """What a unary call that ended OK does with its duration (see _telemetry.Observation.finish)."""
+    queue.append(value)
+    if len(queue) >= BATCH:
+        aggregates.aggregate_batch()
+
+
+def way_in(aggregates: Aggregates, stream: Any, way: str) -> tuple[Any, Any]:
+    """How a measurement reaches ``stream``: an entry in `pending`, or a number in a queue."""
+    if way == "pending":
+        return stream.record, lambda record, value: batched(aggregates, record, value)
+    queue = aggregates.queue(stream.record_many)
+    return queue, lambda queue, value: queued(aggregates, queue, value)
+
+
+WAYS = ["pending", "queue"]
+
+
+@pytest.mark.parametrize("way", WAYS)
+def test_measurements_wait_for_a_batch_and_every_collection_includes_them(way: str) -> None:
     aggregates = Aggregates()
     reader = with_aggregates(InMemoryMetricReader, aggregates, delta=False)()
     provider = MeterProvider(metric_readers=[reader])
     always(provider)
     try:
         (stream,) = aggregates.histogram("rpc.server.duration", unit="ms", description="d").streams_for(ATTRS)
+        target, put = way_in(aggregates, stream, way)
+        waiting = aggregates.pending if way == "pending" else target
         for i in range(BATCH - 1):
-            batched(aggregates, stream.record, float(i))
-        assert len(aggregates.pending) == BATCH - 1 and sum(stream.counts) == 0  # not aggregated yet
-        batched(aggregates, stream.record, 1.0)
-        assert len(aggregates.pending) == 0 and sum(stream.counts) == BATCH  # the batch, at once
+            put(target, float(BATCH - 2 - i))  # the least last
+        assert len(waiting) == BATCH - 1 and sum(stream.counts) == 0  # not aggregated yet
+        put(target, 1.0)
+        assert len(waiting) == 0 and sum(stream.counts) == BATCH  # the batch, at once
         for _ in range(10):
-            batched(aggregates, stream.record, 2.0)
+            put(target, 2.0)
         (point,) = points(reader, reader.get_metrics_data())["rpc.server.duration"]
-        assert point.count == BATCH + 10  # the collection took the 10 still pending
+        assert point.count == BATCH + 10  # the collection took the 10 still waiting
         assert point.sum == sum(float(i) for i in range(BATCH - 1)) + 1.0 + 20.0
-        assert len(aggregates.pending) == 0
+        assert point.min == 0.0 and point.max == float(BATCH - 2)
+        assert len(waiting) == 0
     finally:
         provider.shutdown()
 
@@ -242,7 +274,8 @@ def test_a_full_batch_never_waits_for_a_collection_in_progress() -> None:
     assert sum(stream.counts) == BATCH * 3 and not aggregates.pending
 
 
-def test_collections_in_another_thread_lose_and_repeat_no_measurement() -> None:
+@pytest.mark.parametrize("way", WAYS)
+def test_collections_in_another_thread_lose_and_repeat_no_measurement(way: str) -> None:
     aggregates = Aggregates()
     reader = with_aggregates(InMemoryMetricReader, aggregates, delta=True)(
         preferred_temporality={SdkHistogram: AggregationTemporality.DELTA}
@@ -250,6 +283,7 @@ def test_collections_in_another_thread_lose_and_repeat_no_measurement() -> None:
     provider = MeterProvider(metric_readers=[reader])
     always(provider)
     (stream,) = aggregates.histogram("h", unit="ms", description="d").streams_for(ATTRS)
+    target, put = way_in(aggregates, stream, way)
     counted: list[int] = []
     done = threading.Event()
 
@@ -261,7 +295,7 @@ def test_collections_in_another_thread_lose_and_repeat_no_measurement() -> None:
     collector.start()
     try:
         for i in range(20_000):
-            batched(aggregates, stream.record, float(i % 7))
+            put(target, float(i % 7))
             if i % 1000 == 0:
                 time.sleep(0.002)  # calls end between collections, as on a server
     finally:

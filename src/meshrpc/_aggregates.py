@@ -24,7 +24,7 @@ import math
 import threading
 import time
 from bisect import bisect_left
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from opentelemetry.sdk.metrics.export import (
@@ -115,6 +115,23 @@ class Stream:
         if value > self.max:
             self.max = value
         self.counts[bisect_left(self.bounds, value)] += 1
+
+    def record_many(self, values: list[float]) -> None:
+        """`record` of each of ``values`` in turn, in one call: the same sum, added in the
+        same order, the same buckets, min and max."""
+        if not values:
+            return
+        self.recorded = True
+        bounds, counts, total = self.bounds, self.counts, self.sum
+        for value in values:
+            total += value
+            counts[bisect_left(bounds, value)] += 1
+        self.sum = total
+        least, most = min(values), max(values)
+        if least < self.min:
+            self.min = least
+        if most > self.max:
+            self.max = most
 
     def collect(self, now: int) -> HistogramDataPoint | None:
         """The point a collection at ``now`` reports (None: nothing to report)."""
@@ -217,9 +234,22 @@ class Aggregates:
         # Each entry is ``(record, *arguments)``: one finished call's measurements, for
         # ``record(*arguments)`` to put into the streams (see `aggregate_batch`).
         self.pending: collections.deque[tuple[Any, ...]] = collections.deque()
+        # The durations of one method's calls that ended OK, each queue with what records a
+        # list of them (see `queue`).
+        self.queues: list[tuple[collections.deque[float], Callable[[list[float]], None]]] = []
         # Held while measurements are aggregated or the streams collected: the event loop's
         # thread aggregates, a reader's thread collects.
         self.flushing = threading.Lock()
+
+    def queue(self, record: Callable[[list[float]], None]) -> collections.deque[float]:
+        """A queue of plain numbers, aggregated with each batch by ``record(numbers)``: for
+        the most common measurement (a unary call's duration, when it ended OK), one append
+        per call and one call per batch, instead of an entry in `pending` and a record call
+        for each."""
+        made: collections.deque[float] = collections.deque()
+        with self.lock:
+            self.queues = [*self.queues, (made, record)]
+        return made
 
     def aggregate_batch(self) -> None:
         """Aggregate what is pending, unless a reader's thread is collecting (that
@@ -245,6 +275,10 @@ class Aggregates:
         while pending:
             record, *arguments = popleft()
             record(*arguments)
+        for queue, record_all in self.queues:
+            if queue:
+                take = queue.popleft
+                record_all([take() for _ in range(len(queue))])
 
     def installed(self) -> bool:
         """Whether the global MeterProvider is the one these readers are on: the SDK keeps the

@@ -202,6 +202,12 @@ class _Method:
         # OK's streams, found without the dict: a status code's hash is Enum's, in Python.
         self._ok: _Streams | None = None
         self.logs = self.access_log != "off"
+        # A unary call that ended OK (most calls) has its duration queued as a plain number,
+        # aggregated with the batch (see Aggregates.queue); other calls' measurements wait in
+        # Aggregates.pending.
+        aggregates = self.instruments.aggregates if self.instruments is not None else None
+        unary = not (self.records_requests or self.records_responses)
+        self.ok_durations = aggregates.queue(self._aggregate_ok) if aggregates is not None and unary else None
 
     def span_attributes(self, peer: str) -> dict[str, Any]:
         """A server span's attributes when called from ``peer``, built once per peer.
@@ -238,15 +244,25 @@ class _Method:
         if sent is not None and self.records_responses:
             instruments.responses_per_rpc.record(sent, attrs)
 
-    def aggregate(
-        self, instruments: _Instruments, code: grpc.StatusCode, elapsed_ms: float, received: int, sent: int | None
-    ) -> None:
-        """Put one finished RPC into meshrpc's aggregates (a batch at a time, see `Aggregates.aggregate_batch`)."""
+    def _streams_for(self, instruments: _Instruments, code: grpc.StatusCode) -> _Streams:
         streams = self._ok if code is _OK else self._streams.get(code)
         if streams is None:
             streams = self._streams[code] = _Streams(instruments, self.code_attributes(code))
             if code is _OK:
                 self._ok = streams
+        return streams
+
+    def _aggregate_ok(self, durations: list[float]) -> None:
+        """Put the durations of unary calls that ended OK into meshrpc's aggregates, a batch at a time."""
+        assert self.instruments is not None
+        for stream in self._streams_for(self.instruments, _OK).duration:
+            stream.record_many(durations)
+
+    def aggregate(
+        self, instruments: _Instruments, code: grpc.StatusCode, elapsed_ms: float, received: int, sent: int | None
+    ) -> None:
+        """Put one finished RPC into meshrpc's aggregates (a batch at a time, see `Aggregates.aggregate_batch`)."""
+        streams = self._streams_for(instruments, code)
         for stream in streams.duration:
             stream.record(elapsed_ms)
         if self.records_requests:
@@ -348,10 +364,16 @@ class Observation:
             method.active -= 1
             aggregates = instruments.aggregates
             if aggregates is not None:  # aggregated with the next batch (see Aggregates.aggregate_batch)
-                pending = aggregates.pending
-                pending.append((method.aggregate, instruments, code, elapsed_ms, self.received, sent))
-                if len(pending) >= BATCH:
-                    aggregates.aggregate_batch()
+                durations = method.ok_durations
+                if durations is not None and code is _OK:
+                    durations.append(elapsed_ms)
+                    if len(durations) >= BATCH:
+                        aggregates.aggregate_batch()
+                else:
+                    pending = aggregates.pending
+                    pending.append((method.aggregate, instruments, code, elapsed_ms, self.received, sent))
+                    if len(pending) >= BATCH:
+                        aggregates.aggregate_batch()
             else:
                 method.record(instruments, code, elapsed_ms, self.received, sent)
         if method.logs and (method.sample_rate >= 1.0 or random.random() < method.sample_rate):
