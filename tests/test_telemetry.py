@@ -430,3 +430,103 @@ def test_otel_sdk_from_environment_exports_and_flushes_at_shutdown() -> None:
     assert '"service.name": "echo-test"' in log
     assert f"handling a logged call trace_id={TRACE_ID}" in log  # the CLI's log format carries the trace id
     assert f'"trace_id": "0x{TRACE_ID}"' in log and f'"parent_id": "0x{PARENT_ID}"' in log  # B3 parent
+
+
+class Reporting(helloworld_pb2_grpc.GreeterServicer):
+    """Reports its call's trace as the handler sees it; a name of "fail" fails the call."""
+
+    async def SayHello(self, request: Any, context: Any) -> Any:
+        if request.name == "fail":
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "asked to fail")
+        current = trace.get_current_span()
+        seen = current.get_span_context()
+        return helloworld_pb2.HelloReply(message=json.dumps([f"{seen.trace_id:032x}", current.is_recording()]))
+
+
+def scrape(url: str) -> str:
+    import urllib.request
+
+    with urllib.request.urlopen(url, timeout=5) as response:
+        text: str = response.read().decode()
+    return text
+
+
+async def test_calls_observed_in_their_lane_report_what_calls_observed_in_full_report(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Unary calls that go as most do (a new trace the sampler drops, an OK end, no log
+    line) are observed inline in their wrapper; callers' traces, sampled calls, failures
+    and logged calls in full.  Mixed on one server, every call still has its own trace
+    (the sampler's decision for it), the spans of exactly the sampled calls, its log line
+    at the configured rate under its own trace id, and its count in /metrics."""
+    from opentelemetry.sdk.trace.sampling import ParentBasedTraceIdRatio
+
+    from tests.helpers import free_port
+
+    reset_otel_globals()
+    sampler = ParentBasedTraceIdRatio(0.5)
+    spans = InMemorySpanExporter()
+    provider = TracerProvider(sampler=sampler)
+    provider.add_span_processor(SimpleSpanProcessor(spans))
+    trace.set_tracer_provider(provider)
+    metrics_port = free_port()
+    parent = "00-{:032x}-00f067aa0ba902b7-01"
+    try:
+        with caplog.at_level(logging.INFO, logger="meshrpc.access"):
+            app = meshrpc.App("lanes", services=[Reporting()])
+            settings = {"metrics_port": metrics_port, "access_log": "json", "access_log_sample_rate": 0.3}
+            async with testing.running(app, **settings) as server:
+                stub = helloworld_pb2_grpc.GreeterStub(server.channel)
+                new = await asyncio.gather(
+                    *(stub.SayHello(helloworld_pb2.HelloRequest(name=str(i))) for i in range(200))
+                )
+                traced = await asyncio.gather(
+                    *(
+                        stub.SayHello(helloworld_pb2.HelloRequest(), metadata=(("traceparent", parent.format(i + 1)),))
+                        for i in range(20)
+                    )
+                )
+                for _ in range(10):
+                    with pytest.raises(grpc.aio.AioRpcError) as failed:
+                        await stub.SayHello(helloworld_pb2.HelloRequest(name="fail"))
+                    assert failed.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+                scraped = await asyncio.to_thread(scrape, f"http://127.0.0.1:{metrics_port}/metrics")
+    finally:
+        reset_otel_globals()
+    seen = [json.loads(r.message) for r in (*new, *traced)]
+    assert [trace_id for trace_id, _ in seen[200:]] == [f"{i + 1:032x}" for i in range(20)]  # the callers' traces
+    assert all(recording for _, recording in seen[200:])  # their parent was sampled
+    sampled = set()
+    for trace_id, recording in seen[:200]:
+        expected = sampler.should_sample(None, int(trace_id, 16), "helloworld.Greeter/SayHello").decision.is_sampled()
+        assert recording is expected
+        if recording:
+            sampled.add(trace_id)
+    assert len({trace_id for trace_id, _ in seen[:200]}) == 200 and 70 < len(sampled) < 130  # 100 of 200
+    ended = spans.get_finished_spans()
+    ok_spans = {f"{s.context.trace_id:032x}" for s in ended if s.attributes["rpc.grpc.status_code"] == 0}
+    assert ok_spans == sampled | {trace_id for trace_id, _ in seen[200:]}
+    assert len(ended) - len(ok_spans) <= 10  # the failed calls' the sampler kept
+    logged = [json.loads(r.getMessage()) for r in caplog.records if r.name == "meshrpc.access"]
+    assert 230 * 0.3 * 0.5 < len(logged) < 230 * 0.3 * 1.6
+    answered = {trace_id for trace_id, _ in seen}
+    ok_lines = [line for line in logged if line["status"] == "OK"]
+    assert ok_lines and all(line["trace_id"] in answered for line in ok_lines)  # each under its call's trace
+    dropped = {trace_id for trace_id, recording in seen[:200] if not recording}
+    assert 0.3 * len(dropped) / 3 < sum(line["trace_id"] in dropped for line in ok_lines) < 0.3 * len(dropped) * 2
+    failed_lines = [line for line in logged if line["status"] == "INVALID_ARGUMENT"]
+    assert len(ok_lines) + len(failed_lines) == len(logged)
+
+    def count(code: int) -> float:
+        (line,) = [
+            line
+            for line in scraped.splitlines()
+            if line.startswith("rpc_server_duration_milliseconds_count{")
+            and f'rpc_grpc_status_code="{code}"' in line
+            and 'rpc_method="SayHello"' in line
+        ]
+        return float(line.rsplit(" ", 1)[1])
+
+    assert count(0) == 220 and count(3) == 10
+    active = [line for line in scraped.splitlines() if line.startswith("rpc_server_active_requests{")]
+    assert active and all(line.endswith(" 0.0") for line in active)

@@ -11,20 +11,24 @@ import asyncio
 import concurrent.futures
 import inspect
 from collections.abc import AsyncIterator, Callable
+from operator import itemgetter
+from random import random
 from time import perf_counter
 from typing import Any
 
 import grpc
 from google.protobuf.message import DecodeError
 
+from ._aggregates import BATCH
 from ._errors import AppError
 from ._failures import HANDLER_ERRORS, fail, wrong_reply
 from ._middleware import Middleware, applicable, compose
 from ._overload import COST_WEIGHT, LoadShedder, Refusal
-from ._rpc_context import current_rpc
+from ._rpc_context import call_details, current_rpc
+from ._sampling import LOW_64, Dropped, dropped_span, getrandbits, new_dropped
 from ._service import MethodSpec, RpcKind
 from ._sync import adapt, is_sync
-from ._telemetry import Begin, Observation, Observe
+from ._telemetry import Begin, Lane, Observation, Observe, lane_of
 
 Handler = Callable[..., Any]
 
@@ -136,7 +140,7 @@ _WRAPPERS: set[Any] = set()  # the code objects of the wrappers below, for runni
 class _Outer:
     """What every wrapper shape below needs, worked out once per method."""
 
-    __slots__ = ("begin", "inflight", "malformed", "parse", "reply_class", "spec")
+    __slots__ = ("begin", "inflight", "lane", "malformed", "parse", "reply_class", "spec")
 
     def __init__(
         self, spec: MethodSpec, inflight: InFlight, observe: Observe | None, parse: Callable[[bytes], Any] | None
@@ -144,6 +148,7 @@ class _Outer:
         self.spec = spec
         self.inflight = inflight
         self.begin = observe(spec) if observe is not None else None
+        self.lane = lane_of(observe, spec) if observe is not None else None
         self.parse = parse  # the request comes as bytes, for the wrapper to parse
         self.malformed = _malformed_reason(spec)
         self.reply_class = spec.response_type
@@ -214,6 +219,104 @@ def _single_reply(outer: _Outer, impl: Handler) -> Handler:
 
     _WRAPPERS.add(replying.__code__)
     return replying
+
+
+def _unary_in_lane(outer: _Outer, lane: Lane, impl: Handler) -> Handler:
+    """Unary, observed in its lane: `_single_reply`'s shape with the observation of a call
+    that goes as most do inline (see Lane); any other call is observed in full."""
+    spec, inflight, begin, parse, malformed, reply_class = (
+        outer.spec, outer.inflight, lane.begin, outer.parse, outer.malformed, outer.reply_class,
+    )  # fmt: skip
+    enter, invalid = current_rpc.set, grpc.StatusCode.INVALID_ARGUMENT
+    abort_error, cancelled_error = grpc.aio.AbortError, asyncio.CancelledError
+    shedder = inflight.shedder
+    admit, budget = shedder.admission()
+    method, path, traced, fields, bound, flags, span_id = (
+        lane.method, lane.path, lane.traced, lane.fields, lane.bound, lane.flags, lane.span_id,
+    )  # fmt: skip
+    timed, counted, durations, rate, absent = lane.timed, lane.counted, lane.durations, lane.rate, Lane.ABSENT
+    aggregates = lane.aggregates
+    details_of, behind, set_behind, adopted, first = (
+        call_details.get,
+        dropped_span.get,
+        dropped_span.set,
+        Observation.adopted,
+        itemgetter(0),
+    )
+
+    async def replying_in_lane(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        enter(context)
+        remaining = context.time_remaining()
+        if shedder.share or remaining is not None:
+            refused = admit(remaining)
+            if refused is not None:
+                return _turned_away(context, begin, refused)
+        if parse is not None:
+            try:
+                request = parse(request)
+            except DecodeError:
+                await _refuse(context, begin, invalid, malformed)
+        elif request.__class__ is _Malformed:
+            await _refuse(context, begin, invalid, request.reason)
+        if inflight.count >= inflight.limit:
+            await _over_limit(context, inflight, begin)
+        inflight.count += 1
+        cost_from = perf_counter() if shedder.saturated else 0.0
+        # The lane (see Lane): Observation.__init__'s steps for a new trace the ratio drops.
+        start = perf_counter() if timed else 0.0
+        obs: Observation | None = None
+        span: Dropped | None = None
+        if traced:
+            details = details_of(None)  # the metadata grpc gave the handler lookup (see request_metadata)
+            metadata = (
+                details.invocation_metadata if details is not None and details.method == path
+                else context.invocation_metadata()
+            )  # fmt: skip
+            # A caller's trace context (any of the propagator's headers): the Observation reads it.
+            trace_id = getrandbits(128) if fields.isdisjoint(map(first, metadata or ())) else 0
+            if trace_id and (trace_id & LOW_64) >= bound and behind(absent) is not absent:
+                span = new_dropped(Dropped)
+                span.parts = (trace_id, flags, None, span_id)
+                set_behind(span)
+            else:
+                obs = begin(context, trace_id)  # sampled with this id, or a caller's trace
+        if obs is None and counted:
+            method.active += 1
+        error: BaseException | None = None
+        try:
+            reply = await impl(request, context)
+            if reply.__class__ is not reply_class and not isinstance(reply, reply_class):
+                await wrong_reply(context, spec, reply)
+            return reply
+        except abort_error as exc:
+            error = exc
+            raise
+        except cancelled_error as exc:
+            error = exc
+            inflight.cancelled += 1
+            raise
+        except HANDLER_ERRORS as exc:
+            error = exc
+            await fail(context, spec, exc)
+        finally:
+            inflight.count -= 1
+            if cost_from:
+                budget.cost += (perf_counter() - cost_from - budget.cost) * COST_WEIGHT
+            if obs is not None:
+                obs.finish(error, None)
+            elif error is None and context.code() is None:
+                if rate and random() < rate:  # the access log's draw, made once
+                    adopted(method, context, start, span).finish(None, None, logged=True)
+                elif counted:  # ended OK, no log line: Observation.finish's steps for such a call
+                    method.active -= 1
+                    durations.append((perf_counter() - start) * 1000)
+                    if len(durations) >= BATCH:
+                        aggregates.aggregate_batch()
+            else:
+                adopted(method, context, start, span).finish(error, None)
+
+    _WRAPPERS.add(replying_in_lane.__code__)
+    return replying_in_lane
 
 
 def _iterated_stream(outer: _Outer, impl: Handler) -> Handler:
@@ -406,7 +509,9 @@ def method_handler(
         if chain:
             impl = compose(spec, chain, impl)  # a stream's chain writes the replies and counts them
         outer = _Outer(spec, inflight if inflight is not None else InFlight(), observe, parse)
-        if spec.kind in (RpcKind.UNARY_UNARY, RpcKind.STREAM_UNARY):
+        if outer.lane is not None:
+            handler = _unary_in_lane(outer, outer.lane, impl)
+        elif spec.kind in (RpcKind.UNARY_UNARY, RpcKind.STREAM_UNARY):
             handler = _single_reply(outer, impl)
         elif inspect.isasyncgenfunction(impl):
             handler = _iterated_stream(outer, impl)
