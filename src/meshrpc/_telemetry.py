@@ -19,6 +19,7 @@ import dataclasses
 import functools
 import json
 import logging
+import operator
 import random
 import re
 import threading
@@ -93,6 +94,7 @@ _CODE_NUMBERS = {code: code.value[0] for code in grpc.StatusCode}
 _OK = grpc.StatusCode.OK
 _STATUS_CODE = grpc.StatusCode
 _ABSENT = object()  # dropped_span's value outside a server's RPC tasks
+_FIRST = operator.itemgetter(0)  # a metadata pair's key
 
 
 class _Instruments:
@@ -294,13 +296,20 @@ class Observation:
         self.received = 0
         tracer = method.tracer
         if tracer is not None:
-            metadata = request_metadata(context, method.path)
             # The caller's span context, read by meshrpc for a lone traceparent, or the
             # context the global propagator extracted (see _propagation).  A call with
             # none of the propagator's headers (no traced caller) is told by a set
-            # operation, without extract's call.
-            incoming = method.incoming
-            remote, parent = (None, None) if incoming.fields.isdisjoint(dict(metadata)) else incoming.extract(metadata)
+            # operation, without extract's call; a call whose lane drew its trace id had
+            # none (see Lane).
+            if drawn:
+                remote = parent = None
+            else:
+                metadata = request_metadata(context, method.path)
+                incoming = method.incoming
+                fields = incoming.fields
+                remote, parent = (
+                    (None, None) if fields.isdisjoint(map(_FIRST, metadata)) else incoming.extract(metadata)
+                )
             presampler = method.presampler
             if presampler is not None:
                 # Decided before the SDK: only a sampled call's span is the SDK's.  A new
@@ -486,6 +495,8 @@ class Lane:
             return None  # histograms through the SDK (a MeterProvider meshrpc did not build), or streams
         if method.logs and method.sample_rate >= 1.0:
             return None  # every call logs: every call needs the Observation
+        if presampler is not None and presampler.bound > LOW_64:
+            return None  # every new trace sampled: every call needs the Observation
         return Lane(method)
 
 
