@@ -13,6 +13,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -37,6 +38,22 @@ def reset_otel_globals() -> None:
     trace._TRACER_PROVIDER = None  # type: ignore[attr-defined]
     metrics_internal._METER_PROVIDER_SET_ONCE = Once()
     metrics_internal._METER_PROVIDER = None
+
+
+def traced_by(sampler: Any) -> Any:
+    """A new global TracerProvider sampling with ``sampler``; returns the in-memory exporter
+    its spans end in (one at a time, as they end).  Undo with `reset_otel_globals`."""
+    from opentelemetry import trace
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    reset_otel_globals()
+    spans = InMemorySpanExporter()
+    provider = TracerProvider(sampler=sampler)
+    provider.add_span_processor(SimpleSpanProcessor(spans))
+    trace.set_tracer_provider(provider)
+    return spans
 
 
 async def eventually(predicate: Callable[[], bool], timeout: float = 5.0) -> None:

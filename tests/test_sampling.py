@@ -37,7 +37,7 @@ from examples._generated.helloworld import helloworld_pb2, helloworld_pb2_grpc
 from meshrpc import testing
 from meshrpc._sampling import STAND_IN, PreSampler
 from tests.apps.echo import app as echo_app
-from tests.helpers import reset_otel_globals
+from tests.helpers import reset_otel_globals, traced_by
 
 ATTRS = {"rpc.system": "grpc", "rpc.service": "echo.Echo", "rpc.method": "Unary"}
 
@@ -314,12 +314,8 @@ async def test_served_new_traces_are_sampled_as_the_configured_sampler_samples_t
     """Through a real server, with the SDK's own random ids: the new traces it drops are
     decided in the observation itself, without PreSampler.start; every call's decision is
     still the sampler's own for its trace id, and only the sampled calls reach the SDK."""
-    reset_otel_globals()
     sampler = ParentBasedTraceIdRatio(0.3)
-    spans = InMemorySpanExporter()
-    made = TracerProvider(sampler=sampler)
-    made.add_span_processor(SimpleSpanProcessor(spans))
-    trace.set_tracer_provider(made)
+    spans = traced_by(sampler)
     replies = []
     try:
         # Two servers one after another in one process, as a test suite starts them: the

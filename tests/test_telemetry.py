@@ -461,14 +461,10 @@ async def test_calls_observed_in_their_lane_report_what_calls_observed_in_full_r
     at the configured rate under its own trace id, and its count in /metrics."""
     from opentelemetry.sdk.trace.sampling import ParentBasedTraceIdRatio
 
-    from tests.helpers import free_port
+    from tests.helpers import free_port, traced_by
 
-    reset_otel_globals()
     sampler = ParentBasedTraceIdRatio(0.5)
-    spans = InMemorySpanExporter()
-    provider = TracerProvider(sampler=sampler)
-    provider.add_span_processor(SimpleSpanProcessor(spans))
-    trace.set_tracer_provider(provider)
+    spans = traced_by(sampler)
     metrics_port = free_port()
     parent = "00-{:032x}-00f067aa0ba902b7-01"
     try:

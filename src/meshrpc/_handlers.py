@@ -164,7 +164,8 @@ class _Outer:
 
 
 def _single_reply(outer: _Outer, impl: Handler) -> Handler:
-    """Unary and client-streaming: ``impl`` returns the one reply."""
+    """Unary and client-streaming: ``impl`` returns the one reply.  A unary method with a
+    lane (see _telemetry.Lane) observes the calls that go as most do inline, here."""
     spec, inflight, begin, parse, malformed, reply_class = (
         outer.spec, outer.inflight, outer.begin, outer.parse, outer.malformed, outer.reply_class,
     )  # fmt: skip
@@ -173,6 +174,19 @@ def _single_reply(outer: _Outer, impl: Handler) -> Handler:
     abort_error, cancelled_error = grpc.aio.AbortError, asyncio.CancelledError
     shedder = inflight.shedder
     admit, budget = shedder.admission()
+    lane = outer.lane
+    in_lane = lane is not None
+    if lane is not None:
+        method, path, traced, fields, bound, flags, span_id = (
+            lane.method, lane.path, lane.traced, lane.fields, lane.bound, lane.flags, lane.span_id,
+        )  # fmt: skip
+        timed, counted, durations, rate, aggregates = (
+            lane.timed, lane.counted, lane.durations, lane.rate, lane.aggregates,
+        )  # fmt: skip
+        begin_drawn, absent = lane.begin, Lane.ABSENT  # Observation(method, context, drawn)
+    details_of, behind, set_behind, adopted, first = (
+        call_details.get, dropped_span.get, dropped_span.set, Observation.adopted, itemgetter(0),
+    )  # fmt: skip
 
     async def replying(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         enter(context)
@@ -192,8 +206,30 @@ def _single_reply(outer: _Outer, impl: Handler) -> Handler:
         if inflight.count >= inflight.limit:
             await _over_limit(context, inflight, begin)
         inflight.count += 1
-        timed = perf_counter() if shedder.saturated else 0.0  # what a handler costs, learnt under load
-        obs = begin(context) if begin is not None else None
+        cost_from = perf_counter() if shedder.saturated else 0.0  # what a handler costs, learnt under load
+        obs: Observation | None = None
+        span: Dropped | None = None
+        if in_lane:
+            # The lane: Observation.__init__'s steps for a new trace the ratio drops, inline.
+            start = perf_counter() if timed else 0.0
+            if traced:
+                details = details_of(None)  # the metadata grpc gave the handler lookup (see request_metadata)
+                metadata = (
+                    details.invocation_metadata if details is not None and details.method == path
+                    else context.invocation_metadata()
+                )  # fmt: skip
+                # A caller's trace context (any of the propagator's headers): the Observation reads it.
+                trace_id = getrandbits(128) if fields.isdisjoint(map(first, metadata or ())) else 0
+                if trace_id and (trace_id & LOW_64) >= bound and behind(absent) is not absent:
+                    span = new_dropped(Dropped)
+                    span.parts = (trace_id, flags, None, span_id)
+                    set_behind(span)
+                else:
+                    obs = begin_drawn(context, trace_id)  # sampled with this id, or a caller's trace
+            if obs is None and counted:
+                method.active += 1
+        elif begin is not None:
+            obs = begin(context)
         error: BaseException | None = None
         try:
             reply = await impl(_checked(request, context, obs) if streaming_requests else request, context)
@@ -212,111 +248,23 @@ def _single_reply(outer: _Outer, impl: Handler) -> Handler:
             await fail(context, spec, exc)
         finally:
             inflight.count -= 1
-            if timed:  # what a handler costs, averaged (see Budget)
-                budget.cost += (perf_counter() - timed - budget.cost) * COST_WEIGHT
-            if obs is not None:
-                obs.finish(error, None)
-
-    _WRAPPERS.add(replying.__code__)
-    return replying
-
-
-def _unary_in_lane(outer: _Outer, lane: Lane, impl: Handler) -> Handler:
-    """Unary, observed in its lane: `_single_reply`'s shape with the observation of a call
-    that goes as most do inline (see Lane); any other call is observed in full."""
-    spec, inflight, begin, parse, malformed, reply_class = (
-        outer.spec, outer.inflight, lane.begin, outer.parse, outer.malformed, outer.reply_class,
-    )  # fmt: skip
-    enter, invalid = current_rpc.set, grpc.StatusCode.INVALID_ARGUMENT
-    abort_error, cancelled_error = grpc.aio.AbortError, asyncio.CancelledError
-    shedder = inflight.shedder
-    admit, budget = shedder.admission()
-    method, path, traced, fields, bound, flags, span_id = (
-        lane.method, lane.path, lane.traced, lane.fields, lane.bound, lane.flags, lane.span_id,
-    )  # fmt: skip
-    timed, counted, durations, rate, absent = lane.timed, lane.counted, lane.durations, lane.rate, Lane.ABSENT
-    aggregates = lane.aggregates
-    details_of, behind, set_behind, adopted, first = (
-        call_details.get,
-        dropped_span.get,
-        dropped_span.set,
-        Observation.adopted,
-        itemgetter(0),
-    )
-
-    async def replying_in_lane(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-        enter(context)
-        remaining = context.time_remaining()
-        if shedder.share or remaining is not None:
-            refused = admit(remaining)
-            if refused is not None:
-                return _turned_away(context, begin, refused)
-        if parse is not None:
-            try:
-                request = parse(request)
-            except DecodeError:
-                await _refuse(context, begin, invalid, malformed)
-        elif request.__class__ is _Malformed:
-            await _refuse(context, begin, invalid, request.reason)
-        if inflight.count >= inflight.limit:
-            await _over_limit(context, inflight, begin)
-        inflight.count += 1
-        cost_from = perf_counter() if shedder.saturated else 0.0
-        # The lane (see Lane): Observation.__init__'s steps for a new trace the ratio drops.
-        start = perf_counter() if timed else 0.0
-        obs: Observation | None = None
-        span: Dropped | None = None
-        if traced:
-            details = details_of(None)  # the metadata grpc gave the handler lookup (see request_metadata)
-            metadata = (
-                details.invocation_metadata if details is not None and details.method == path
-                else context.invocation_metadata()
-            )  # fmt: skip
-            # A caller's trace context (any of the propagator's headers): the Observation reads it.
-            trace_id = getrandbits(128) if fields.isdisjoint(map(first, metadata or ())) else 0
-            if trace_id and (trace_id & LOW_64) >= bound and behind(absent) is not absent:
-                span = new_dropped(Dropped)
-                span.parts = (trace_id, flags, None, span_id)
-                set_behind(span)
-            else:
-                obs = begin(context, trace_id)  # sampled with this id, or a caller's trace
-        if obs is None and counted:
-            method.active += 1
-        error: BaseException | None = None
-        try:
-            reply = await impl(request, context)
-            if reply.__class__ is not reply_class and not isinstance(reply, reply_class):
-                await wrong_reply(context, spec, reply)
-            return reply
-        except abort_error as exc:
-            error = exc
-            raise
-        except cancelled_error as exc:
-            error = exc
-            inflight.cancelled += 1
-            raise
-        except HANDLER_ERRORS as exc:
-            error = exc
-            await fail(context, spec, exc)
-        finally:
-            inflight.count -= 1
-            if cost_from:
+            if cost_from:  # what a handler costs, averaged (see Budget)
                 budget.cost += (perf_counter() - cost_from - budget.cost) * COST_WEIGHT
             if obs is not None:
                 obs.finish(error, None)
-            elif error is None and context.code() is None:
-                if rate and random() < rate:  # the access log's draw, made once
+            elif in_lane:
+                if error is not None or context.code() is not None:
+                    adopted(method, context, start, span).finish(error, None)
+                elif rate and random() < rate:  # the access log's draw, made once
                     adopted(method, context, start, span).finish(None, None, logged=True)
                 elif counted:  # ended OK, no log line: Observation.finish's steps for such a call
                     method.active -= 1
                     durations.append((perf_counter() - start) * 1000)
                     if len(durations) >= BATCH:
                         aggregates.aggregate_batch()
-            else:
-                adopted(method, context, start, span).finish(error, None)
 
-    _WRAPPERS.add(replying_in_lane.__code__)
-    return replying_in_lane
+    _WRAPPERS.add(replying.__code__)
+    return replying
 
 
 def _iterated_stream(outer: _Outer, impl: Handler) -> Handler:
@@ -509,9 +457,7 @@ def method_handler(
         if chain:
             impl = compose(spec, chain, impl)  # a stream's chain writes the replies and counts them
         outer = _Outer(spec, inflight if inflight is not None else InFlight(), observe, parse)
-        if outer.lane is not None:
-            handler = _unary_in_lane(outer, outer.lane, impl)
-        elif spec.kind in (RpcKind.UNARY_UNARY, RpcKind.STREAM_UNARY):
+        if spec.kind in (RpcKind.UNARY_UNARY, RpcKind.STREAM_UNARY):
             handler = _single_reply(outer, impl)
         elif inspect.isasyncgenfunction(impl):
             handler = _iterated_stream(outer, impl)
