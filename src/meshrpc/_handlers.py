@@ -11,7 +11,6 @@ import asyncio
 import concurrent.futures
 import inspect
 from collections.abc import AsyncIterator, Callable
-from operator import itemgetter
 from random import random
 from time import perf_counter
 from typing import Any
@@ -24,7 +23,7 @@ from ._errors import AppError
 from ._failures import HANDLER_ERRORS, fail, wrong_reply
 from ._middleware import Middleware, applicable, compose
 from ._overload import COST_WEIGHT, LoadShedder, Refusal
-from ._rpc_context import call_details, current_rpc
+from ._rpc_context import call_details, current_rpc, metadata_key
 from ._sampling import LOW_64, Dropped, dropped_span, getrandbits, new_dropped
 from ._service import MethodSpec, RpcKind
 from ._sync import adapt, is_sync
@@ -177,16 +176,15 @@ def _single_reply(outer: _Outer, impl: Handler) -> Handler:
     lane = outer.lane
     in_lane = lane is not None
     if lane is not None:
-        method, path, traced, fields, bound, flags, span_id = (
-            lane.method, lane.path, lane.traced, lane.fields, lane.bound, lane.flags, lane.span_id,
+        method, path, fields, durations, aggregates, rate, timed = (
+            lane.method, lane.path, lane.fields, lane.durations, lane.aggregates, lane.rate, lane.timed,
         )  # fmt: skip
-        timed, counted, durations, rate, aggregates = (
-            lane.timed, lane.counted, lane.durations, lane.rate, lane.aggregates,
-        )  # fmt: skip
-        begin_drawn, absent = lane.begin, Lane.ABSENT  # Observation(method, context, drawn)
-    details_of, behind, set_behind, adopted, first = (
-        call_details.get, dropped_span.get, dropped_span.set, Observation.adopted, itemgetter(0),
-    )  # fmt: skip
+        presampler = lane.presampler
+        traced = presampler is not None
+        if presampler is not None:
+            bound, flags, span_id = presampler.bound, presampler.new_trace_flags, presampler.span_id
+        details_of, behind, set_behind, absent = call_details.get, dropped_span.get, dropped_span.set, Lane.ABSENT
+        adopted = Observation.adopted
 
     async def replying(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         enter(context)
@@ -219,14 +217,14 @@ def _single_reply(outer: _Outer, impl: Handler) -> Handler:
                     else context.invocation_metadata()
                 )  # fmt: skip
                 # A caller's trace context (any of the propagator's headers): the Observation reads it.
-                trace_id = getrandbits(128) if fields.isdisjoint(map(first, metadata or ())) else 0
+                trace_id = getrandbits(128) if fields.isdisjoint(map(metadata_key, metadata or ())) else 0
                 if trace_id and (trace_id & LOW_64) >= bound and behind(absent) is not absent:
                     span = new_dropped(Dropped)
                     span.parts = (trace_id, flags, None, span_id)
                     set_behind(span)
                 else:
-                    obs = begin_drawn(context, trace_id)  # sampled with this id, or a caller's trace
-            if obs is None and counted:
+                    obs = Observation(method, context, trace_id)  # sampled with this id, or a caller's trace
+            if obs is None and durations is not None:
                 method.active += 1
         elif begin is not None:
             obs = begin(context)
@@ -257,10 +255,11 @@ def _single_reply(outer: _Outer, impl: Handler) -> Handler:
                     adopted(method, context, start, span).finish(error, None)
                 elif rate and random() < rate:  # the access log's draw, made once
                     adopted(method, context, start, span).finish(None, None, logged=True)
-                elif counted:  # ended OK, no log line: Observation.finish's steps for such a call
+                elif durations is not None:  # ended OK, no log line: Observation.finish's steps for such a call
                     method.active -= 1
                     durations.append((perf_counter() - start) * 1000)
                     if len(durations) >= BATCH:
+                        assert aggregates is not None  # the queue's (see _Method.ok_durations)
                         aggregates.aggregate_batch()
 
     _WRAPPERS.add(replying.__code__)

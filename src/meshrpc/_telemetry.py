@@ -13,13 +13,11 @@ instrumentations emit them
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextvars
 import dataclasses
 import functools
 import json
 import logging
-import operator
 import random
 import re
 import threading
@@ -30,14 +28,14 @@ from typing import Any
 import grpc
 from opentelemetry import context as otel_context
 from opentelemetry import metrics, trace
-from opentelemetry.trace import SpanKind, Status, StatusCode, TraceFlags
+from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from ._aggregates import BATCH, Aggregates, Stream
 from ._errors import StatusError
 from ._failures import final_code
 from ._overload import LoadShedder
 from ._propagation import Incoming, as_context
-from ._rpc_context import current_rpc, incoming_metadata, request_metadata
+from ._rpc_context import current_rpc, incoming_metadata, metadata_key, request_metadata
 from ._sampling import LOW_64, Dropped, PreSampler, dropped_span, getrandbits, new_dropped
 from ._service import MethodSpec, RpcKind
 from ._spans import ServerSpan
@@ -94,7 +92,6 @@ _CODE_NUMBERS = {code: code.value[0] for code in grpc.StatusCode}
 _OK = grpc.StatusCode.OK
 _STATUS_CODE = grpc.StatusCode
 _ABSENT = object()  # dropped_span's value outside a server's RPC tasks
-_FIRST = operator.itemgetter(0)  # a metadata pair's key
 
 
 class _Instruments:
@@ -308,7 +305,7 @@ class Observation:
                 incoming = method.incoming
                 fields = incoming.fields
                 remote, parent = (
-                    (None, None) if fields.isdisjoint(map(_FIRST, metadata)) else incoming.extract(metadata)
+                    (None, None) if fields.isdisjoint(map(metadata_key, metadata)) else incoming.extract(metadata)
                 )
             presampler = method.presampler
             if presampler is not None:
@@ -428,10 +425,6 @@ class Observation:
             access_logger.info(" ".join(f"{k}={escape(v)}" for k, v in record.items() if v != ""), extra=_ACCESS)
 
 
-def _no_span_id() -> int:
-    return 0
-
-
 class Lane:
     """How a unary call's wrapper observes the calls that go as most do, inline: a new trace
     the sampler drops, a handler that returns without setting a status, no access-log line.
@@ -448,40 +441,17 @@ class Lane:
     none), an access log that samples (or none).
     """
 
-    __slots__ = (
-        "aggregates",
-        "begin",
-        "bound",
-        "counted",
-        "durations",
-        "fields",
-        "flags",
-        "method",
-        "path",
-        "rate",
-        "span_id",
-        "timed",
-        "traced",
-    )
+    __slots__ = ("aggregates", "durations", "fields", "method", "path", "presampler", "rate", "timed")
 
     ABSENT = _ABSENT  # dropped_span's value outside a server that stands the stand-in in
 
     def __init__(self, method: _Method) -> None:
         self.method = method
-        self.begin = functools.partial(Observation, method)
         self.path = method.path
-        presampler = method.presampler
-        self.traced = presampler is not None
+        self.presampler = method.presampler  # None: no traces
         self.fields = method.incoming.fields
-        self.bound = presampler.bound if presampler is not None else 0
-        self.flags = presampler.new_trace_flags if presampler is not None else TraceFlags(TraceFlags.DEFAULT)
-        self.span_id: Callable[[], int] = presampler.span_id if presampler is not None else _no_span_id
-        self.counted = method.ok_durations is not None
-        self.durations: collections.deque[float] = (
-            method.ok_durations if method.ok_durations is not None else collections.deque()
-        )
-        aggregates = method.instruments.aggregates if method.instruments is not None else None
-        self.aggregates = aggregates if aggregates is not None else Aggregates()  # unused when not counted
+        self.durations = method.ok_durations  # None: no histograms
+        self.aggregates = method.instruments.aggregates if method.instruments is not None else None
         # The chance that a call writes an access-log line (0 without the log).
         self.rate = method.sample_rate if method.logs else 0.0
         self.timed = method.timed
