@@ -433,7 +433,9 @@ def test_otel_sdk_from_environment_exports_and_flushes_at_shutdown() -> None:
 
 
 class Reporting(helloworld_pb2_grpc.GreeterServicer):
-    """Reports its call's trace as the handler sees it; a name of "fail" fails the call."""
+    """Reports its call's trace as the handler sees it; a name of "fail" fails the call.
+    A stream sends the report three times, or, with ``sent`` set, through ``context.write``
+    (a stream whose replies meshrpc does not count)."""
 
     async def SayHello(self, request: Any, context: Any) -> Any:
         if request.name == "fail":
@@ -441,6 +443,18 @@ class Reporting(helloworld_pb2_grpc.GreeterServicer):
         current = trace.get_current_span()
         seen = current.get_span_context()
         return helloworld_pb2.HelloReply(message=json.dumps([f"{seen.trace_id:032x}", current.is_recording()]))
+
+    async def SayHelloStream(self, request: Any, context: Any) -> Any:
+        report = await self.SayHello(request, context)
+        for _ in range(3):
+            yield report
+
+
+class Writing(Reporting):
+    async def SayHelloStream(self, request: Any, context: Any) -> None:  # type: ignore[override]
+        report = await self.SayHello(request, context)
+        for _ in range(3):
+            await context.write(report)
 
 
 def scrape(url: str) -> str:
@@ -451,14 +465,16 @@ def scrape(url: str) -> str:
     return text
 
 
+@pytest.mark.parametrize("shape", ["unary", "stream", "written stream"])
 async def test_calls_observed_in_their_lane_report_what_calls_observed_in_full_report(
-    caplog: pytest.LogCaptureFixture,
+    caplog: pytest.LogCaptureFixture, shape: str
 ) -> None:
-    """Unary calls that go as most do (a new trace the sampler drops, an OK end, no log
-    line) are observed inline in their wrapper; callers' traces, sampled calls, failures
-    and logged calls in full.  Mixed on one server, every call still has its own trace
-    (the sampler's decision for it), the spans of exactly the sampled calls, its log line
-    at the configured rate under its own trace id, and its count in /metrics."""
+    """Unary and server-streaming calls that go as most do (a new trace the sampler drops,
+    an OK end, no log line) are observed inline in their wrapper; callers' traces, sampled
+    calls, failures and logged calls in full.  Mixed on one server, every call still has its
+    own trace (the sampler's decision for it), the spans of exactly the sampled calls, its
+    log line at the configured rate under its own trace id, and its count in /metrics (a
+    stream's replies too, where meshrpc counts them)."""
     from opentelemetry.sdk.trace.sampling import ParentBasedTraceIdRatio
 
     from tests.helpers import free_port, traced_by
@@ -467,24 +483,31 @@ async def test_calls_observed_in_their_lane_report_what_calls_observed_in_full_r
     spans = traced_by(sampler)
     metrics_port = free_port()
     parent = "00-{:032x}-00f067aa0ba902b7-01"
+    method = "SayHello" if shape == "unary" else "SayHelloStream"
+
+    async def call(stub: Any, request: Any, metadata: Any = None) -> Any:
+        if shape == "unary":
+            return await stub.SayHello(request, metadata=metadata)
+        replies = [reply async for reply in stub.SayHelloStream(request, metadata=metadata)]
+        assert len(replies) == 3 and len({reply.message for reply in replies}) == 1
+        return replies[0]
+
     try:
         with caplog.at_level(logging.INFO, logger="meshrpc.access"):
-            app = meshrpc.App("lanes", services=[Reporting()])
+            app = meshrpc.App("lanes", services=[Writing() if shape == "written stream" else Reporting()])
             settings = {"metrics_port": metrics_port, "access_log": "json", "access_log_sample_rate": 0.3}
             async with testing.running(app, **settings) as server:
                 stub = helloworld_pb2_grpc.GreeterStub(server.channel)
-                new = await asyncio.gather(
-                    *(stub.SayHello(helloworld_pb2.HelloRequest(name=str(i))) for i in range(200))
-                )
+                new = await asyncio.gather(*(call(stub, helloworld_pb2.HelloRequest(name=str(i))) for i in range(200)))
                 traced = await asyncio.gather(
                     *(
-                        stub.SayHello(helloworld_pb2.HelloRequest(), metadata=(("traceparent", parent.format(i + 1)),))
+                        call(stub, helloworld_pb2.HelloRequest(), (("traceparent", parent.format(i + 1)),))
                         for i in range(20)
                     )
                 )
                 for _ in range(10):
                     with pytest.raises(grpc.aio.AioRpcError) as failed:
-                        await stub.SayHello(helloworld_pb2.HelloRequest(name="fail"))
+                        await call(stub, helloworld_pb2.HelloRequest(name="fail"))
                     assert failed.value.code() is grpc.StatusCode.INVALID_ARGUMENT
                 scraped = await asyncio.to_thread(scrape, f"http://127.0.0.1:{metrics_port}/metrics")
     finally:
@@ -494,17 +517,19 @@ async def test_calls_observed_in_their_lane_report_what_calls_observed_in_full_r
     assert all(recording for _, recording in seen[200:])  # their parent was sampled
     sampled = set()
     for trace_id, recording in seen[:200]:
-        expected = sampler.should_sample(None, int(trace_id, 16), "helloworld.Greeter/SayHello").decision.is_sampled()
-        assert recording is expected
+        expected = sampler.should_sample(None, int(trace_id, 16), f"helloworld.Greeter/{method}")
+        assert recording is expected.decision.is_sampled()
         if recording:
             sampled.add(trace_id)
     assert len({trace_id for trace_id, _ in seen[:200]}) == 200 and 70 < len(sampled) < 130  # 100 of 200
     ended = spans.get_finished_spans()
+    assert {s.name for s in ended} == {f"helloworld.Greeter/{method}"}
     ok_spans = {f"{s.context.trace_id:032x}" for s in ended if s.attributes["rpc.grpc.status_code"] == 0}
     assert ok_spans == sampled | {trace_id for trace_id, _ in seen[200:]}
     assert len(ended) - len(ok_spans) <= 10  # the failed calls' the sampler kept
     logged = [json.loads(r.getMessage()) for r in caplog.records if r.name == "meshrpc.access"]
     assert 230 * 0.3 * 0.5 < len(logged) < 230 * 0.3 * 1.6
+    assert {line["method"] for line in logged} == {f"/helloworld.Greeter/{method}"}
     answered = {trace_id for trace_id, _ in seen}
     ok_lines = [line for line in logged if line["status"] == "OK"]
     assert ok_lines and all(line["trace_id"] in answered for line in ok_lines)  # each under its call's trace
@@ -513,16 +538,24 @@ async def test_calls_observed_in_their_lane_report_what_calls_observed_in_full_r
     failed_lines = [line for line in logged if line["status"] == "INVALID_ARGUMENT"]
     assert len(ok_lines) + len(failed_lines) == len(logged)
 
-    def count(code: int) -> float:
-        (line,) = [
+    def value(series: str, code: int) -> float | None:
+        found = [
             line
             for line in scraped.splitlines()
-            if line.startswith("rpc_server_duration_milliseconds_count{")
+            if line.startswith(f"{series}{{")
             and f'rpc_grpc_status_code="{code}"' in line
-            and 'rpc_method="SayHello"' in line
+            and f'rpc_method="{method}"' in line
         ]
-        return float(line.rsplit(" ", 1)[1])
+        assert len(found) <= 1
+        return float(found[0].rsplit(" ", 1)[1]) if found else None
 
-    assert count(0) == 220 and count(3) == 10
+    assert value("rpc_server_duration_milliseconds_count", 0) == 220
+    assert value("rpc_server_duration_milliseconds_count", 3) == 10
+    replies = "rpc_server_responses_per_rpc"
+    if shape == "stream":  # 3 replies each, none for the failed calls
+        assert value(f"{replies}_count", 0) == 220 and value(f"{replies}_sum", 0) == 660
+        assert value(f"{replies}_count", 3) == 10 and value(f"{replies}_sum", 3) == 0
+    else:  # a unary call sends one; replies written with context.write are not counted
+        assert value(f"{replies}_count", 0) is None and value(f"{replies}_count", 3) is None
     active = [line for line in scraped.splitlines() if line.startswith("rpc_server_active_requests{")]
     assert active and all(line.endswith(" 0.0") for line in active)

@@ -24,7 +24,7 @@ import math
 import threading
 import time
 from bisect import bisect_left
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from opentelemetry.sdk.metrics.export import (
@@ -116,7 +116,7 @@ class Stream:
             self.max = value
         self.counts[bisect_left(self.bounds, value)] += 1
 
-    def record_many(self, values: list[float]) -> None:
+    def record_many(self, values: Sequence[float]) -> None:
         """`record` of each of ``values`` in turn, in one call: the same sum, added in the
         same order, the same buckets, min and max."""
         if not values:
@@ -234,19 +234,19 @@ class Aggregates:
         # Each entry is ``(record, *arguments)``: one finished call's measurements, for
         # ``record(*arguments)`` to put into the streams (see `aggregate_batch`).
         self.pending: collections.deque[tuple[Any, ...]] = collections.deque()
-        # The durations of one method's calls that ended OK, each queue with what records a
+        # The measurements of one method's calls that ended OK, each queue with what records a
         # list of them (see `queue`).
-        self.queues: list[tuple[collections.deque[float], Callable[[list[float]], None]]] = []
+        self.queues: list[tuple[collections.deque[Any], Callable[[list[Any]], None]]] = []
         # Held while measurements are aggregated or the streams collected: the event loop's
         # thread aggregates, a reader's thread collects.
         self.flushing = threading.Lock()
 
-    def queue(self, record: Callable[[list[float]], None]) -> collections.deque[float]:
-        """A queue of plain numbers, aggregated with each batch by ``record(numbers)``: for
-        the most common measurement (a unary call's duration, when it ended OK), one append
-        per call and one call per batch, instead of an entry in `pending` and a record call
-        for each."""
-        made: collections.deque[float] = collections.deque()
+    def queue(self, record: Callable[[list[Any]], None]) -> collections.deque[Any]:
+        """A queue of measurements, aggregated with each batch by ``record(measurements)``: for
+        the most common ones (a unary call's duration, a server stream's duration and replies,
+        when it ended OK), one append per call and one call per batch, instead of an entry in
+        `pending` and a record call for each."""
+        made: collections.deque[Any] = collections.deque()
         with self.lock:
             self.queues = [*self.queues, (made, record)]
         return made

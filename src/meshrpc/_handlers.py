@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import enum
 import inspect
 from collections.abc import AsyncIterator, Callable
 from random import random
@@ -154,21 +155,35 @@ class _Outer:
 
 
 # meshrpc's outer layer around a method: request checks, the in-flight count, error
-# mapping and telemetry.  One builder per shape of RPC, each readable top to bottom.
-# Telemetry is a begin/finish pair called inline, not a layer of its own: it sees the
-# status the client gets (a wrong reply type included) and adds no coroutine frame, and
-# no generator per streamed message.  The prologue is repeated inline in each shape on
-# purpose: a shared helper would be one more call per RPC, which is what it costs.
-# Each RPC runs in its own task, so setting current_rpc needs no reset.
+# mapping and telemetry, in one wrapper for every shape of RPC (see `_Shape`), read top to
+# bottom.  Telemetry is a begin/finish pair called inline, not a layer of its own: it sees
+# the status the client gets (a wrong reply type included) and adds no coroutine frame,
+# and no generator per streamed message.  Each RPC runs in its own task, so setting
+# current_rpc needs no reset.
 
 
-def _single_reply(outer: _Outer, impl: Handler) -> Handler:
-    """Unary and client-streaming: ``impl`` returns the one reply.  A unary method with a
-    lane (see _telemetry.Lane) observes the calls that go as most do inline, here."""
+class _Shape(enum.Enum):
+    """How the wrapper gets the replies from the method it wraps."""
+
+    SINGLE = "single"  # unary and client-streaming: ``impl`` returns the one reply
+    # Server-streaming and bidirectional, ``impl`` an async generator: driven by the wrapper,
+    # each reply written with ``context.write``, not re-yielded to grpc through a generator
+    # of meshrpc's (a write that waits for the transport suspends through one frame, not two).
+    ITERATED = "iterated"
+    # Server-streaming and bidirectional, ``impl`` a coroutine that writes the replies itself
+    # and returns how many it wrote (the middleware chain), or None when that is not known
+    # (a handler using ``context.write``).
+    DELEGATED = "delegated"
+
+
+def _wrapped(outer: _Outer, impl: Handler, shape: _Shape) -> Handler:
+    """``impl`` inside meshrpc's outer layer.  A unary or server-streaming method with a lane
+    (see _telemetry.Lane) observes the calls that go as most do inline, here."""
     spec, inflight, begin, parse, malformed, reply_class = (
         outer.spec, outer.inflight, outer.begin, outer.parse, outer.malformed, outer.reply_class,
     )  # fmt: skip
-    streaming_requests = spec.kind is RpcKind.STREAM_UNARY
+    single, iterated = shape is _Shape.SINGLE, shape is _Shape.ITERATED
+    streaming_requests = spec.kind in (RpcKind.STREAM_UNARY, RpcKind.STREAM_STREAM)
     enter, invalid = current_rpc.set, grpc.StatusCode.INVALID_ARGUMENT
     abort_error, cancelled_error = grpc.aio.AbortError, asyncio.CancelledError
     shedder = inflight.shedder
@@ -176,8 +191,8 @@ def _single_reply(outer: _Outer, impl: Handler) -> Handler:
     lane = outer.lane
     in_lane = lane is not None
     if lane is not None:
-        method, path, fields, durations, aggregates, rate, timed = (
-            lane.method, lane.path, lane.fields, lane.durations, lane.aggregates, lane.rate, lane.timed,
+        method, path, fields, ok_calls, aggregates, rate, timed = (
+            lane.method, lane.path, lane.fields, lane.ok_calls, lane.aggregates, lane.rate, lane.timed,
         )  # fmt: skip
         presampler = lane.presampler
         traced = presampler is not None
@@ -186,7 +201,7 @@ def _single_reply(outer: _Outer, impl: Handler) -> Handler:
         details_of, behind, set_behind, absent = call_details.get, dropped_span.get, dropped_span.set, Lane.ABSENT
         adopted = Observation.adopted
 
-    async def replying(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+    async def serving(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         enter(context)
         # Admission first, before any parsing: what is refused here costs the least.
         remaining = context.time_remaining()
@@ -199,7 +214,7 @@ def _single_reply(outer: _Outer, impl: Handler) -> Handler:
                 request = parse(request)
             except DecodeError:
                 await _refuse(context, begin, invalid, malformed)
-        elif request.__class__ is _Malformed:  # a unary request only: a stream's are checked as read
+        elif request.__class__ is _Malformed:  # a single request only: a stream's are checked as read
             await _refuse(context, begin, invalid, request.reason)
         if inflight.count >= inflight.limit:
             await _over_limit(context, inflight, begin)
@@ -224,16 +239,30 @@ def _single_reply(outer: _Outer, impl: Handler) -> Handler:
                     set_behind(span)
                 else:
                     obs = Observation(method, context, trace_id)  # sampled with this id, or a caller's trace
-            if obs is None and durations is not None:
+            if obs is None and ok_calls is not None:
                 method.active += 1
         elif begin is not None:
             obs = begin(context)
         error: BaseException | None = None
+        sent: Any = 0 if iterated else None  # a server stream's replies (None: not known)
         try:
-            reply = await impl(_checked(request, context, obs) if streaming_requests else request, context)
-            if reply.__class__ is not reply_class and not isinstance(reply, reply_class):
-                await wrong_reply(context, spec, reply)
-            return reply
+            requests = _checked(request, context, obs) if streaming_requests else request
+            if single:
+                reply = await impl(requests, context)
+                if reply.__class__ is not reply_class and not isinstance(reply, reply_class):
+                    await wrong_reply(context, spec, reply)
+                return reply
+            if iterated:
+                write = context.write
+                async for reply in impl(requests, context):
+                    if reply.__class__ is not reply_class and not isinstance(reply, reply_class):
+                        await wrong_reply(context, spec, reply)
+                    await write(reply)
+                    sent += 1
+            else:
+                sent = await impl(requests, context)
+                if sent.__class__ is not int:
+                    sent = None
         except abort_error as exc:
             error = exc
             raise
@@ -249,140 +278,23 @@ def _single_reply(outer: _Outer, impl: Handler) -> Handler:
             if cost_from:  # what a handler costs, averaged (see Budget)
                 budget.cost += (perf_counter() - cost_from - budget.cost) * COST_WEIGHT
             if obs is not None:
-                obs.finish(error, None)
+                obs.finish(error, sent)
             elif in_lane:
                 if error is not None or context.code() is not None:
-                    adopted(method, context, start, span).finish(error, None)
+                    adopted(method, context, start, span).finish(error, sent)
                 elif rate and random() < rate:  # the access log's draw, made once
-                    adopted(method, context, start, span).finish(None, None, logged=True)
-                elif durations is not None:  # ended OK, no log line: Observation.finish's steps for such a call
+                    adopted(method, context, start, span).finish(None, sent, logged=True)
+                elif ok_calls is not None:  # ended OK, no log line: Observation.finish's steps for such a call
                     method.active -= 1
-                    durations.append((perf_counter() - start) * 1000)
-                    if len(durations) >= BATCH:
-                        assert aggregates is not None  # the queue's (see _Method.ok_durations)
+                    elapsed_ms = (perf_counter() - start) * 1000
+                    ok_calls.append(elapsed_ms if single else (elapsed_ms, sent))
+                    if len(ok_calls) >= BATCH:
+                        assert aggregates is not None  # the queue's (see _Method.ok_calls)
                         aggregates.aggregate_batch()
+        return None
 
-    _WRAPPERS.add(replying.__code__)
-    return replying
-
-
-def _iterated_stream(outer: _Outer, impl: Handler) -> Handler:
-    """Server-streaming and bidirectional, ``impl`` an async generator: driven here, each
-    reply written with ``context.write``, not re-yielded to grpc through a generator of
-    meshrpc's (a write that waits for the transport suspends through one frame, not two)."""
-    spec, inflight, begin, parse, malformed, reply_class = (
-        outer.spec, outer.inflight, outer.begin, outer.parse, outer.malformed, outer.reply_class,
-    )  # fmt: skip
-    streaming_requests = spec.kind is RpcKind.STREAM_STREAM
-    enter, invalid = current_rpc.set, grpc.StatusCode.INVALID_ARGUMENT
-    abort_error, cancelled_error = grpc.aio.AbortError, asyncio.CancelledError
-    shedder = inflight.shedder
-    admit, budget = shedder.admission()
-
-    async def streaming(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
-        enter(context)
-        # Admission first, before any parsing: what is refused here costs the least.
-        remaining = context.time_remaining()
-        if shedder.share or remaining is not None:  # else nothing can refuse it: no call
-            refused = admit(remaining)
-            if refused is not None:
-                return _turned_away(context, begin, refused)
-        if parse is not None:
-            try:
-                request = parse(request)
-            except DecodeError:
-                await _refuse(context, begin, invalid, malformed)
-        elif request.__class__ is _Malformed:
-            await _refuse(context, begin, invalid, request.reason)
-        if inflight.count >= inflight.limit:
-            await _over_limit(context, inflight, begin)
-        inflight.count += 1
-        timed = perf_counter() if shedder.saturated else 0.0  # what a handler costs, learnt under load
-        obs = begin(context) if begin is not None else None
-        error: BaseException | None = None
-        write = context.write
-        sent = 0
-        try:
-            async for reply in impl(_checked(request, context, obs) if streaming_requests else request, context):
-                if reply.__class__ is not reply_class and not isinstance(reply, reply_class):
-                    await wrong_reply(context, spec, reply)
-                await write(reply)
-                sent += 1
-        except abort_error as exc:
-            error = exc
-            raise
-        except cancelled_error as exc:
-            error = exc
-            inflight.cancelled += 1
-            raise
-        except HANDLER_ERRORS as exc:
-            error = exc
-            await fail(context, spec, exc)
-        finally:
-            inflight.count -= 1
-            if timed:  # what a handler costs, averaged (see Budget)
-                budget.cost += (perf_counter() - timed - budget.cost) * COST_WEIGHT
-            if obs is not None:
-                obs.finish(error, sent)
-
-    _WRAPPERS.add(streaming.__code__)
-    return streaming
-
-
-def _delegated_stream(outer: _Outer, impl: Handler) -> Handler:
-    """Server-streaming and bidirectional, ``impl`` a coroutine that writes the replies
-    itself and returns how many it wrote (the middleware chain), or None when that is
-    not known (a handler using ``context.write``)."""
-    spec, inflight, begin, parse, malformed = outer.spec, outer.inflight, outer.begin, outer.parse, outer.malformed
-    streaming_requests = spec.kind is RpcKind.STREAM_STREAM
-    enter, invalid = current_rpc.set, grpc.StatusCode.INVALID_ARGUMENT
-    abort_error, cancelled_error = grpc.aio.AbortError, asyncio.CancelledError
-    shedder = inflight.shedder
-    admit, budget = shedder.admission()
-
-    async def writing(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
-        enter(context)
-        # Admission first, before any parsing: what is refused here costs the least.
-        remaining = context.time_remaining()
-        if shedder.share or remaining is not None:  # else nothing can refuse it: no call
-            refused = admit(remaining)
-            if refused is not None:
-                return _turned_away(context, begin, refused)
-        if parse is not None:
-            try:
-                request = parse(request)
-            except DecodeError:
-                await _refuse(context, begin, invalid, malformed)
-        elif request.__class__ is _Malformed:
-            await _refuse(context, begin, invalid, request.reason)
-        if inflight.count >= inflight.limit:
-            await _over_limit(context, inflight, begin)
-        inflight.count += 1
-        timed = perf_counter() if shedder.saturated else 0.0  # what a handler costs, learnt under load
-        obs = begin(context) if begin is not None else None
-        error: BaseException | None = None
-        sent: Any = None
-        try:
-            sent = await impl(_checked(request, context, obs) if streaming_requests else request, context)
-        except abort_error as exc:
-            error = exc
-            raise
-        except cancelled_error as exc:
-            error = exc
-            inflight.cancelled += 1
-            raise
-        except HANDLER_ERRORS as exc:
-            error = exc
-            await fail(context, spec, exc)
-        finally:
-            inflight.count -= 1
-            if timed:  # what a handler costs, averaged (see Budget)
-                budget.cost += (perf_counter() - timed - budget.cost) * COST_WEIGHT
-            if obs is not None:
-                obs.finish(error, sent if sent.__class__ is int else None)
-
-    _WRAPPERS.add(writing.__code__)
-    return writing
+    _WRAPPERS.add(serving.__code__)
+    return serving
 
 
 def running_rpcs() -> list[str]:
@@ -457,11 +369,10 @@ def method_handler(
             impl = compose(spec, chain, impl)  # a stream's chain writes the replies and counts them
         outer = _Outer(spec, inflight if inflight is not None else InFlight(), observe, parse)
         if spec.kind in (RpcKind.UNARY_UNARY, RpcKind.STREAM_UNARY):
-            handler = _single_reply(outer, impl)
-        elif inspect.isasyncgenfunction(impl):
-            handler = _iterated_stream(outer, impl)
+            shape = _Shape.SINGLE
         else:
-            handler = _delegated_stream(outer, impl)
+            shape = _Shape.ITERATED if inspect.isasyncgenfunction(impl) else _Shape.DELEGATED
+        handler = _wrapped(outer, impl, shape)
         if intercepted and spec.kind in (RpcKind.UNARY_STREAM, RpcKind.STREAM_STREAM):
             handler = _as_generator(handler)  # grpc.aio interceptors wrap a stream's handler as a generator
     factory: Any = _FACTORIES[spec.kind]

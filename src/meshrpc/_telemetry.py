@@ -13,6 +13,7 @@ instrumentations emit them
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextvars
 import dataclasses
 import functools
@@ -202,12 +203,15 @@ class _Method:
         # OK's streams, found without the dict: a status code's hash is Enum's, in Python.
         self._ok: _Streams | None = None
         self.logs = self.access_log != "off"
-        # A unary call that ended OK (most calls) has its duration queued as a plain number,
-        # aggregated with the batch (see Aggregates.queue); other calls' measurements wait in
-        # Aggregates.pending.
+        # A call that ended OK (most calls) of a unary or server-streaming method has its
+        # measurements queued per method, aggregated with the batch (see Aggregates.queue): a
+        # unary call's duration as a plain number, a server stream's as (duration, replies
+        # sent or None).  Other calls' measurements wait in Aggregates.pending.
         aggregates = self.instruments.aggregates if self.instruments is not None else None
-        unary = not (self.records_requests or self.records_responses)
-        self.ok_durations = aggregates.queue(self._aggregate_ok) if aggregates is not None and unary else None
+        self.ok_calls: collections.deque[Any] | None = None
+        if aggregates is not None and not self.records_requests:
+            record = self._aggregate_ok_streams if self.records_responses else self._aggregate_ok
+            self.ok_calls = aggregates.queue(record)
 
     def span_attributes(self, peer: str) -> dict[str, Any]:
         """A server span's attributes when called from ``peer``, built once per peer.
@@ -257,6 +261,22 @@ class _Method:
         assert self.instruments is not None
         for stream in self._streams_for(self.instruments, _OK).duration:
             stream.record_many(durations)
+
+    def _aggregate_ok_streams(self, calls: list[tuple[float, int | None]]) -> None:
+        """Put server streams that ended OK, ``(duration, replies sent or None)`` each, into
+        meshrpc's aggregates, a batch at a time: as `aggregate` puts them, one by one."""
+        instruments = self.instruments
+        assert instruments is not None
+        streams = self._streams_for(instruments, _OK)
+        durations = [duration for duration, _ in calls]
+        for stream in streams.duration:
+            stream.record_many(durations)
+        sent = [count for _, count in calls if count is not None]
+        if sent:
+            if streams.responses is None:
+                streams.responses = instruments.responses_per_rpc.streams_for(self.code_attributes(_OK))
+            for stream in streams.responses:
+                stream.record_many(sent)
 
     def aggregate(
         self, instruments: _Instruments, code: grpc.StatusCode, elapsed_ms: float, received: int, sent: int | None
@@ -385,10 +405,10 @@ class Observation:
             method.active -= 1
             aggregates = instruments.aggregates
             if aggregates is not None:  # aggregated with the next batch (see Aggregates.aggregate_batch)
-                durations = method.ok_durations
-                if durations is not None and code is _OK:
-                    durations.append(elapsed_ms)
-                    if len(durations) >= BATCH:
+                ok_calls = method.ok_calls
+                if ok_calls is not None and code is _OK:
+                    ok_calls.append((elapsed_ms, sent) if method.records_responses else elapsed_ms)
+                    if len(ok_calls) >= BATCH:
                         aggregates.aggregate_batch()
                 else:
                     pending = aggregates.pending
@@ -426,10 +446,11 @@ class Observation:
 
 
 class Lane:
-    """How a unary call's wrapper observes the calls that go as most do, inline: a new trace
-    the sampler drops, a handler that returns without setting a status, no access-log line.
-    For those the wrapper reads the clock, draws the trace id and sets the dropped span
-    behind the stand-in, and queues the duration, in its own frame; anything else (a
+    """How the wrapper of a unary or server-streaming call observes the calls that go as most
+    do, inline: a new trace the sampler drops, a handler that returns without setting a
+    status, no access-log line.  For those the wrapper reads the clock, draws the trace id
+    and sets the dropped span behind the stand-in, and queues the measurements (see
+    ``_Method.ok_calls``), in its own frame; anything else (a
     caller's trace context, a sampled call, an error, a logged call) is observed by an
     `Observation` as before, begun with the id the lane drew so the decision is the one
     made.  Under a saturating load, the Observation's calls (a partial, its ``__init__``,
@@ -441,7 +462,7 @@ class Lane:
     none), an access log that samples (or none).
     """
 
-    __slots__ = ("aggregates", "durations", "fields", "method", "path", "presampler", "rate", "timed")
+    __slots__ = ("aggregates", "fields", "method", "ok_calls", "path", "presampler", "rate", "timed")
 
     ABSENT = _ABSENT  # dropped_span's value outside a server that stands the stand-in in
 
@@ -450,7 +471,7 @@ class Lane:
         self.path = method.path
         self.presampler = method.presampler  # None: no traces
         self.fields = method.incoming.fields
-        self.durations = method.ok_durations  # None: no histograms
+        self.ok_calls = method.ok_calls  # None: no histograms
         self.aggregates = method.instruments.aggregates if method.instruments is not None else None
         # The chance that a call writes an access-log line (0 without the log).
         self.rate = method.sample_rate if method.logs else 0.0
@@ -461,8 +482,8 @@ class Lane:
         presampler = method.presampler
         if method.tracer is not None and (presampler is None or not presampler.random_ids):
             return None  # the SDK decides, or draws the ids: only the Observation calls it
-        if method.instruments is not None and method.ok_durations is None:
-            return None  # histograms through the SDK (a MeterProvider meshrpc did not build), or streams
+        if method.instruments is not None and method.ok_calls is None:
+            return None  # histograms through the SDK (a MeterProvider meshrpc did not build), or a client stream
         if method.logs and method.sample_rate >= 1.0:
             return None  # every call logs: every call needs the Observation
         if presampler is not None and presampler.bound > LOW_64:
@@ -491,8 +512,9 @@ class _Tools:
         return functools.partial(Observation, self._method(spec))
 
     def lane_for(self, spec: MethodSpec) -> Lane | None:
-        """How a unary RPC of ``spec`` is observed inline when it goes as most do (None: never)."""
-        if spec.kind is not RpcKind.UNARY_UNARY:
+        """How an RPC of ``spec`` is observed inline when it goes as most do (None: never, as
+        for methods that read a client's stream: its messages are counted by an Observation)."""
+        if spec.kind not in (RpcKind.UNARY_UNARY, RpcKind.UNARY_STREAM):
             return None
         return Lane.of(self._method(spec))
 
