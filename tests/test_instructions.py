@@ -13,8 +13,8 @@ import pytest
 from bench.instructions import instructions_per_call
 
 # Over raw grpc.aio, as a share of raw's instructions per unary call (docs/performance.md):
-# the defaults measured -1.0 to +1.1 %, the production profile +4.7 % since a unary call that
-# goes as most do is observed in its wrapper's lane (+6.7 to +8.2 % before; +33.5 % when every
+# the defaults measured -1.0 to +1.1 %, the production profile +4.1 to +4.7 % since a unary call
+# that goes as most do is observed in its wrapper's lane (+6.7 to +8.2 % before; +33.5 % when every
 # call's metrics and span went through the OpenTelemetry SDK, +11 to +13 % while the
 # sampled 10 % were the SDK's spans, +9 % while telemetry had grpc build the request
 # metadata again).  The production figure moves with how many of the counted calls the
@@ -22,9 +22,10 @@ from bench.instructions import instructions_per_call
 DEFAULTS_BUDGET = 0.03
 PRODUCTION_BUDGET = 0.07
 # The same for server streams of 10 replies, as a share of raw's instructions per stream:
-# the defaults measured +0.8 to +1.2 %, the production profile +4.3 to +5.0 %.
+# the defaults measured +0.8 to +1.2 %, the production profile +3.0 % since a stream that
+# goes as most do takes the lane too (+4.3 to +5.0 % before).
 STREAM_DEFAULTS_BUDGET = 0.03
-STREAM_PRODUCTION_BUDGET = 0.065
+STREAM_PRODUCTION_BUDGET = 0.05
 # Full tracing's extra over the contrib instrumentor's, every call carrying a traceparent:
 # measured 0.23 (0.34 while the propagator read every traceparent, 0.67 while every span
 # was the SDK's; the SDK-only inline floor is 0.68).  With user space some 60 % of raw's
