@@ -56,6 +56,15 @@ def traced_by(sampler: Any) -> Any:
     return spans
 
 
+def metrics_text(port: int, timeout: float = 5.0) -> str:
+    """One scrape of the /metrics endpoint served on 127.0.0.1:``port``."""
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=timeout) as response:
+        text: str = response.read().decode()
+    return text
+
+
 async def eventually(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
     """Wait until ``predicate()`` holds, polling the event loop; fail after ``timeout``."""
     for _ in range(int(timeout / 0.005)):

@@ -159,12 +159,11 @@ def test_metrics_endpoint_shows_the_histograms_meshrpc_aggregates() -> None:
     import re
     import signal
     import time
-    import urllib.request
 
     import grpc
 
     from examples._generated.echo import echo_pb2, echo_pb2_grpc
-    from tests.helpers import Served
+    from tests.helpers import Served, metrics_text
 
     with Served("tests.apps.echo:app", "--drain-delay", "0", env={"MESHRPC_METRICS_PORT": "0"}) as served:
         served.wait_serving()
@@ -179,8 +178,7 @@ def test_metrics_endpoint_shows_the_histograms_meshrpc_aggregates() -> None:
         # A call is recorded when its handler's wrapper finishes, which may be just after the
         # client has its answer: scrape until the last call is in.
         for _ in range(50):
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
-                text = response.read().decode()
+            text = metrics_text(port)
             if 'rpc_grpc_status_code="5"' in text and "_count{" in text:
                 break
             time.sleep(0.1)

@@ -11,7 +11,6 @@ import signal
 import socket
 import sys
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,7 +21,7 @@ import yaml
 import meshrpc
 from examples._generated.echo import echo_pb2, echo_pb2_grpc
 from tests.h2client import RawClient
-from tests.helpers import Served, free_port, health_status, run
+from tests.helpers import Served, free_port, health_status, metrics_text, run
 from tests.helpers import meshrpc as meshrpc_cli
 from tests.sidecar import StandIn
 
@@ -350,8 +349,7 @@ def test_idle_metrics_connections_cost_no_threads_and_never_starve_grpc_or_scrap
             time.sleep(0.3)
             assert threads_of(served.proc.pid) <= before + 2
             assert health_status(served.target, "liveness") == "SERVING"
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=3) as response:
-                assert b"process_cpu_seconds_total" in response.read()
+            assert "process_cpu_seconds_total" in metrics_text(port, timeout=3)
             open_fds = len(list(Path(f"/proc/{served.proc.pid}/fd").iterdir()))
             assert open_fds < 150, open_fds  # idle connections past the cap were closed
         finally:

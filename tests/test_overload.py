@@ -10,12 +10,11 @@ from __future__ import annotations
 import signal
 import threading
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
 from bench.overload import descriptor_set, load
-from tests.helpers import ROOT, Served, free_port
+from tests.helpers import ROOT, Served, free_port, metrics_text
 
 
 def test_past_capacity_late_calls_never_run_shedding_comes_and_goes_and_health_answers(tmp_path: Path) -> None:
@@ -29,8 +28,7 @@ def test_past_capacity_late_calls_never_run_shedding_comes_and_goes_and_health_a
             [{"rate": 100, "seconds": 2}, {"rate": 700, "seconds": 4}, {"rate": 100, "seconds": 2}],
             pin=False,
         )
-        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as response:
-            scraped = response.read().decode()
+        scraped = metrics_text(metrics_port)
         served.signal(signal.SIGTERM)
         assert served.wait(20) == 0
     log = served.log

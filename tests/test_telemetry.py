@@ -434,8 +434,7 @@ def test_otel_sdk_from_environment_exports_and_flushes_at_shutdown() -> None:
 
 class Reporting(helloworld_pb2_grpc.GreeterServicer):
     """Reports its call's trace as the handler sees it; a name of "fail" fails the call.
-    A stream sends the report three times, or, with ``sent`` set, through ``context.write``
-    (a stream whose replies meshrpc does not count)."""
+    A stream sends the report three times."""
 
     async def SayHello(self, request: Any, context: Any) -> Any:
         if request.name == "fail":
@@ -451,18 +450,12 @@ class Reporting(helloworld_pb2_grpc.GreeterServicer):
 
 
 class Writing(Reporting):
+    """Writes a stream's reports with ``context.write``: replies meshrpc does not count."""
+
     async def SayHelloStream(self, request: Any, context: Any) -> None:  # type: ignore[override]
         report = await self.SayHello(request, context)
         for _ in range(3):
             await context.write(report)
-
-
-def scrape(url: str) -> str:
-    import urllib.request
-
-    with urllib.request.urlopen(url, timeout=5) as response:
-        text: str = response.read().decode()
-    return text
 
 
 @pytest.mark.parametrize("shape", ["unary", "stream", "written stream"])
@@ -477,7 +470,7 @@ async def test_calls_observed_in_their_lane_report_what_calls_observed_in_full_r
     stream's replies too, where meshrpc counts them)."""
     from opentelemetry.sdk.trace.sampling import ParentBasedTraceIdRatio
 
-    from tests.helpers import free_port, traced_by
+    from tests.helpers import free_port, metrics_text, traced_by
 
     sampler = ParentBasedTraceIdRatio(0.5)
     spans = traced_by(sampler)
@@ -509,7 +502,7 @@ async def test_calls_observed_in_their_lane_report_what_calls_observed_in_full_r
                     with pytest.raises(grpc.aio.AioRpcError) as failed:
                         await call(stub, helloworld_pb2.HelloRequest(name="fail"))
                     assert failed.value.code() is grpc.StatusCode.INVALID_ARGUMENT
-                scraped = await asyncio.to_thread(scrape, f"http://127.0.0.1:{metrics_port}/metrics")
+                scraped = await asyncio.to_thread(metrics_text, metrics_port)
     finally:
         reset_otel_globals()
     seen = [json.loads(r.message) for r in (*new, *traced)]

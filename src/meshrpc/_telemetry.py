@@ -154,12 +154,23 @@ class _Instruments:
 class _Streams:
     """One method's histogram streams for one status code, in each of meshrpc's readers."""
 
-    __slots__ = ("duration", "requests", "responses")
+    __slots__ = ("attributes", "duration", "requests", "responses")
 
     def __init__(self, instruments: _Instruments, attributes: dict[str, Any]) -> None:
+        self.attributes = attributes
         self.duration = instruments.duration.streams_for(attributes)
         self.requests: tuple[Stream, ...] | None = None  # made at their first record, as the SDK makes them
         self.responses: tuple[Stream, ...] | None = None
+
+    def requests_in(self, instruments: _Instruments) -> tuple[Stream, ...]:
+        if self.requests is None:
+            self.requests = instruments.requests_per_rpc.streams_for(self.attributes)
+        return self.requests
+
+    def responses_in(self, instruments: _Instruments) -> tuple[Stream, ...]:
+        if self.responses is None:
+            self.responses = instruments.responses_per_rpc.streams_for(self.attributes)
+        return self.responses
 
 
 def _peer_address(peer: str) -> tuple[str, int | None]:
@@ -273,9 +284,7 @@ class _Method:
             stream.record_many(durations)
         sent = [count for _, count in calls if count is not None]
         if sent:
-            if streams.responses is None:
-                streams.responses = instruments.responses_per_rpc.streams_for(self.code_attributes(_OK))
-            for stream in streams.responses:
+            for stream in streams.responses_in(instruments):
                 stream.record_many(sent)
 
     def aggregate(
@@ -286,14 +295,10 @@ class _Method:
         for stream in streams.duration:
             stream.record(elapsed_ms)
         if self.records_requests:
-            if streams.requests is None:
-                streams.requests = instruments.requests_per_rpc.streams_for(self.code_attributes(code))
-            for stream in streams.requests:
+            for stream in streams.requests_in(instruments):
                 stream.record(received)
         if sent is not None and self.records_responses:
-            if streams.responses is None:
-                streams.responses = instruments.responses_per_rpc.streams_for(self.code_attributes(code))
-            for stream in streams.responses:
+            for stream in streams.responses_in(instruments):
                 stream.record(sent)
 
 
