@@ -89,6 +89,7 @@ def test_points_equal_the_sdk_histograms_field_by_field(delta: bool) -> None:
             # OK's durations in lists of every length up to a batch's, as a method's queue
             # hands them over (Stream.record_many); the other code's one at a time.
             held: list[float] = []
+            held_counts: list[int] = []
             for i, value in enumerate(values(n, round_)):
                 attrs = OTHER if i % 7 == 3 else ATTRS
                 sdk.record(value, attrs)
@@ -99,9 +100,19 @@ def test_points_equal_the_sdk_histograms_field_by_field(delta: bool) -> None:
                     if len(held) >= 1 + i % BATCH:
                         ok.record_many(held)
                         held = []
-                sdk_counts.record(i % 11, ATTRS)  # integers: the sum stays an int, as the SDK's does
-                counts.record(i % 11)
+                # Integers (a stream's replies, 5 and 10 on bucket bounds): the sum stays an
+                # int, as the SDK's does.  In batches as a stream method's queue hands them
+                # over, and one at a time as other calls' are.
+                sdk_counts.record(i % 11, ATTRS)
+                if i % 3:
+                    held_counts.append(i % 11)
+                    if len(held_counts) >= 1 + i % BATCH:
+                        counts.record_many(held_counts)
+                        held_counts = []
+                else:
+                    counts.record(i % 11)
             ok.record_many(held)
+            counts.record_many(held_counts)
             seen += n
             got = points(reader, reader.get_metrics_data())
             if delta and n == 0:

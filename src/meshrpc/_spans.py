@@ -86,9 +86,13 @@ class Pipeline(SynchronousMultiSpanProcessor):
             limits.max_span_attributes is None or limits.max_span_attributes >= OWN_ATTRIBUTES
         )
         self.direct = False  # True once a processor is added, while every one is a BatchSpanProcessor
+        # Each processor's on_end, which a ServerSpan calls itself when `direct`: a frame (and
+        # a loop) fewer per sampled call than through this class's own on_end.
+        self.ends: tuple[Any, ...] = ()
 
     def add_span_processor(self, span_processor: Any) -> None:
         super().add_span_processor(span_processor)
+        self.ends = (*self.ends, span_processor.on_end)
         # A BatchSpanProcessor does nothing when a span starts or is ending; any other
         # processor may, and then it must see the SDK's own spans, from now on.
         if type(span_processor) is not BatchSpanProcessor:
@@ -290,7 +294,9 @@ class ServerSpan(trace.Span):
             logger.warning("Calling end() on an ended span.")
             return
         self._end_time = end_time if end_time is not None else time_ns()
-        self._spans.pipeline.on_end(self._readable())
+        readable = self._readable()
+        for end in self._spans.pipeline.ends:
+            end(readable)
 
     def _readable(self) -> ReadableSpan:
         spans = self._spans
