@@ -13,6 +13,13 @@ calls, every thread included, and none of a connection's setup or teardown.  Wit
 traceparent, as bench/bench.py's tracing contenders' calls do.  The figure is extra
 instructions per RPC over raw grpc.aio, not a ratio: callgrind does not see the kernel,
 which is a large share of raw's CPU.
+
+``--concurrent C,M`` sends the warm-up and the counted calls with h2load instead, ``C``
+connections of ``M`` calls in flight each (bench/bench.py's load is ``4,32``): the
+instructions of calls served interleaved, as under load.  Each h2load run sets up its own
+connections inside the count (``C`` of them per ``--calls``).  Overload shedding is off
+unless ``MESHRPC_OVERLOAD_TARGET_DELAY`` is set: under valgrind every call runs some 50
+times slower, so the shedder's 25 ms sampler lands on 50 times fewer calls than outside it.
 """
 
 from __future__ import annotations
@@ -33,8 +40,10 @@ sys.path.insert(0, str(ROOT))
 BIN = Path(sys.executable).parent
 
 from bench.bench import TRACEPARENT, stop  # noqa: E402
+from bench.bench import WORKLOADS as LOADS  # noqa: E402
 
 WARMUP = 200
+CONCURRENT_WARMUP = 1000  # h2load's runs: a few hundred calls barely fill its streams
 
 CONTENDERS = {
     "raw": [sys.executable, "-m", "bench.servers", "raw", "{port}"],
@@ -107,6 +116,34 @@ class _Client:
             self.proc.wait()
 
 
+class _Load:
+    """The concurrent client: h2load, ``clients`` connections of ``streams`` calls in flight
+    each; every call of a run must come back with HTTP 200 (a gRPC error would too, so
+    the server's answers are checked by the one-call client's kind of run, not here)."""
+
+    def __init__(self, port: int, workload: str, traceparent: bool, clients: int, streams: int) -> None:
+        load = LOADS[0] if workload == "unary" else LOADS[1]
+        with tempfile.NamedTemporaryFile(prefix="meshrpc-instr-", suffix=".grpc", delete=False) as body:
+            body.write(load.body())
+        self.body = body.name
+        self.command = [
+            "h2load", "-c", str(clients), "-m", str(streams),
+            "-H", "content-type: application/grpc", "-H", "te: trailers",
+            *(("-H", f"traceparent: {TRACEPARENT}") if traceparent else ()),
+            "-d", self.body, f"http://127.0.0.1:{port}{load.path}",
+        ]  # fmt: skip
+
+    def send(self, count: int) -> None:
+        """``count`` calls; returns when h2load has had every answer."""
+        out = subprocess.run([*self.command[:1], "-n", str(count), *self.command[1:]], capture_output=True, text=True)
+        done = re.search(r"requests: \d+ total, \d+ started, (\d+) done, (\d+) succeeded", out.stdout)
+        if done is None or int(done.group(1)) != count or int(done.group(2)) != count:
+            raise RuntimeError(f"h2load did not complete every call:\n{out.stdout}{out.stderr}")
+
+    def close(self) -> None:
+        os.unlink(self.body)
+
+
 def _wait_ready(port: int, proc: subprocess.Popen[bytes], timeout: float = 180.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -120,18 +157,26 @@ def _wait_ready(port: int, proc: subprocess.Popen[bytes], timeout: float = 180.0
     raise RuntimeError("the server did not start under valgrind")
 
 
-def instructions_per_call(contender: str, calls: int, workload: str = "unary", traceparent: bool = False) -> float:
+def instructions_per_call(
+    contender: str,
+    calls: int,
+    workload: str = "unary",
+    traceparent: bool = False,
+    concurrent: tuple[int, int] | None = None,
+) -> float:
     """The server's instructions per call (unary, or a server stream of 10 replies), warm,
-    counted by callgrind."""
+    counted by callgrind; one call at a time, or ``concurrent`` (connections, calls in
+    flight on each) through h2load."""
     port = free_port()
     command = [part.replace("{port}", str(port)) for part in CONTENDERS[contender]]
-    # Shedding off: under valgrind everything runs some 50 times slower, so even one call at a
-    # time looks queued to the overload check; the check itself still runs on every call.
+    # Shedding off (unless asked for): under valgrind everything runs some 50 times slower, so
+    # even one call at a time looks queued to the overload check; the check itself still
+    # runs on every call.
     env = {
         **os.environ,
         "MESHRPC_MESH": "none",
         "MESHRPC_LOG_LEVEL": "warning",
-        "MESHRPC_OVERLOAD_TARGET_DELAY": "off",
+        "MESHRPC_OVERLOAD_TARGET_DELAY": os.environ.get("MESHRPC_OVERLOAD_TARGET_DELAY", "off"),
         # Exports run on a timer (metrics every 10 s, spans every 5 s): under valgrind a call
         # takes some 50 times longer, so a timed export would land in the counted window far
         # more often than per call under real load.  They are left out of the count here;
@@ -151,9 +196,13 @@ def instructions_per_call(contender: str, calls: int, workload: str = "unary", t
         )
         try:
             _wait_ready(port, proc)
-            client = _Client(port, workload, traceparent)
+            client: _Client | _Load = (
+                _Client(port, workload, traceparent)
+                if concurrent is None
+                else _Load(port, workload, traceparent, *concurrent)
+            )
             try:
-                client.send(WARMUP)
+                client.send(WARMUP if concurrent is None else CONCURRENT_WARMUP)
                 subprocess.run(["callgrind_control", "--zero", str(proc.pid)], check=True, capture_output=True)
                 client.send(calls)
                 subprocess.run(["callgrind_control", "--dump", str(proc.pid)], check=True, capture_output=True)
@@ -177,6 +226,16 @@ def _total(text: str) -> int:
     return int(found.group(1))
 
 
+def _concurrency(text: str) -> tuple[int, int]:
+    try:
+        clients, streams = (int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected C,M (two whole numbers), got {text!r}") from None
+    if clients < 1 or streams < 1:
+        raise argparse.ArgumentTypeError(f"C and M must be at least 1, got {text!r}")
+    return clients, streams
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("contenders", nargs="*", default=list(CONTENDERS), help=f"of {', '.join(CONTENDERS)}")
@@ -188,6 +247,12 @@ def main() -> int:
     parser.add_argument(
         "--traceparent", action="store_true", help="every call carries a sampled traceparent (as in bench.py's tracing)"
     )
+    parser.add_argument(
+        "--concurrent",
+        type=_concurrency,
+        metavar="C,M",
+        help="send with h2load, C connections of M calls in flight each (bench.py's load: 4,32)",
+    )
     args = parser.parse_args()
     unknown = [c for c in args.contenders if c not in CONTENDERS]
     if unknown:
@@ -196,11 +261,13 @@ def main() -> int:
     runs: dict[str, list[float]] = {name: [] for name in names}
     for _ in range(args.repeat):
         for name in names:  # alternated, so both runs of each see the same machine
-            runs[name].append(instructions_per_call(name, args.calls, args.workload, args.traceparent))
+            runs[name].append(instructions_per_call(name, args.calls, args.workload, args.traceparent, args.concurrent))
             print(f"{name}: {runs[name][-1]:,.0f} instructions per call", flush=True)
     raw = statistics.median(runs["raw"])
     what = "unary calls" if args.workload == "unary" else "server streams of 10 replies"
     carrying = ", each with a traceparent" if args.traceparent else ""
+    if args.concurrent is not None:
+        carrying += f", sent by h2load ({args.concurrent[0]} connections, {args.concurrent[1]} calls in flight on each)"
     print(f"\n{args.calls} {what}{carrying} counted per run, {args.repeat} runs each; median, and spread of the runs")
     print("| contender | instructions per RPC | over raw grpc.aio | spread |")
     print("|---|---|---|---|")

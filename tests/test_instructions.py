@@ -75,3 +75,22 @@ def test_per_stream_instructions_stay_within_their_budgets() -> None:
     assert defaults <= STREAM_DEFAULTS_BUDGET, f"meshrpc's defaults cost {defaults:+.1%} of raw's per stream"
     production = (instructions_per_call("production", STREAMS, "stream") - raw) / raw
     assert production <= STREAM_PRODUCTION_BUDGET, f"the production profile costs {production:+.1%} over raw per stream"
+
+
+# Served interleaved, as under load: bench.py's 4 connections of 32 calls in flight each,
+# sent by h2load.  The production profile measured +5.2 and +5.4 % over raw grpc.aio counted
+# the same way (1,000 and 3,000 calls; 0.0 % between two runs), against +4.0 to +4.7 % one
+# call at a time: its extra grows by about a fifth when calls interleave.
+INTERLEAVED_PRODUCTION_BUDGET = 0.08
+INTERLEAVED_CALLS = 1000
+
+
+def test_interleaved_calls_stay_within_their_budget() -> None:
+    """What the production profile adds per call when many are in flight at once, as under
+    a saturating load, and not only one call at a time."""
+    raw = instructions_per_call("raw", INTERLEAVED_CALLS, concurrent=(4, 32))
+    assert raw > 100_000  # the count is real: a unary call through grpc.aio is some 460k instructions
+    production = (instructions_per_call("production", INTERLEAVED_CALLS, concurrent=(4, 32)) - raw) / raw
+    assert 0 < production <= INTERLEAVED_PRODUCTION_BUDGET, (
+        f"the production profile costs {production:+.1%} over raw per interleaved call"
+    )
