@@ -168,28 +168,49 @@ class Started:
     target: str
 
 
-def h2load_command(
-    started: Started, workload: Workload, body_file: str, args: argparse.Namespace, requests: int
+def h2load(
+    target: str, path: str, body_file: str, clients: int, streams: int, requests: int, traceparent: bool
 ) -> list[str]:
-    """h2load sending ``requests`` calls of ``workload`` to ``started``'s server."""
+    """h2load sending ``requests`` gRPC calls of ``path`` (the request in ``body_file``) to
+    ``target``: ``clients`` connections of ``streams`` calls in flight each."""
     return [
         "h2load",
         "-n",
         str(requests),
         "-c",
-        str(args.clients),
+        str(clients),
         "-m",
-        str(args.streams),
+        str(streams),
         "-H",
         "content-type: application/grpc",
         "-H",
         "te: trailers",
         # In a mesh every request arrives with trace headers; tracers must extract them.
-        *(("-H", f"traceparent: {TRACEPARENT}") if started.contender.traceparent else ()),
+        *(("-H", f"traceparent: {TRACEPARENT}") if traceparent else ()),
         "-d",
         body_file,
-        f"http://{started.target}{workload.path}",
+        f"http://{target}{path}",
     ]
+
+
+# What h2load reports of its calls: how many were done, and how many of those succeeded
+# (HTTP 200; a gRPC error comes with HTTP 200 too).
+H2LOAD_DONE = re.compile(r"requests: \d+ total, \d+ started, (\d+) done, (\d+) succeeded")
+
+
+def h2load_command(
+    started: Started, workload: Workload, body_file: str, args: argparse.Namespace, requests: int
+) -> list[str]:
+    """h2load sending ``requests`` calls of ``workload`` to ``started``'s server."""
+    return h2load(
+        started.target,
+        workload.path,
+        body_file,
+        args.clients,
+        args.streams,
+        requests,
+        started.contender.traceparent,
+    )
 
 
 def warm_up(started: Started, workload: Workload, body_file: str, args: argparse.Namespace, requests: int) -> None:
@@ -227,7 +248,7 @@ def run_round(started: Started, workload: Workload, body_file: str, args: argpar
         before = cpu_seconds(server.pid)
         out = subprocess.run(pinned(1, h2load), capture_output=True, text=True, timeout=300).stdout
         used = cpu_seconds(server.pid) - before
-        done = re.search(r"requests: \d+ total, \d+ started, (\d+) done, (\d+) succeeded", out)
+        done = H2LOAD_DONE.search(out)
         rps = re.search(r"finished in [\d.]+\w+, ([\d.]+) req/s", out)
         if not (done and rps) or done.group(1) != done.group(2) or int(done.group(2)) != args.requests:
             raise SystemExit(f"h2load did not complete every request for {started.contender.name}:\n{out}")

@@ -39,7 +39,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 BIN = Path(sys.executable).parent
 
-from bench.bench import TRACEPARENT  # noqa: E402
+from bench.bench import H2LOAD_DONE, TRACEPARENT, h2load  # noqa: E402
 from bench.bench import WORKLOADS as LOADS  # noqa: E402
 
 WARMUP = 200
@@ -126,17 +126,13 @@ class _Load:
         with tempfile.NamedTemporaryFile(prefix="meshrpc-instr-", suffix=".grpc", delete=False) as body:
             body.write(load.body())
         self.body = body.name
-        self.command = [
-            "h2load", "-c", str(clients), "-m", str(streams),
-            "-H", "content-type: application/grpc", "-H", "te: trailers",
-            *(("-H", f"traceparent: {TRACEPARENT}") if traceparent else ()),
-            "-d", self.body, f"http://127.0.0.1:{port}{load.path}",
-        ]  # fmt: skip
+        self.call = (f"127.0.0.1:{port}", load.path, self.body, clients, streams)
+        self.traceparent = traceparent
 
     def send(self, count: int) -> None:
         """``count`` calls; returns when h2load has had every answer."""
-        out = subprocess.run([*self.command[:1], "-n", str(count), *self.command[1:]], capture_output=True, text=True)
-        done = re.search(r"requests: \d+ total, \d+ started, (\d+) done, (\d+) succeeded", out.stdout)
+        out = subprocess.run(h2load(*self.call, count, self.traceparent), capture_output=True, text=True)
+        done = H2LOAD_DONE.search(out.stdout)
         if done is None or int(done.group(1)) != count or int(done.group(2)) != count:
             raise RuntimeError(f"h2load did not complete every call:\n{out.stdout}{out.stderr}")
 
