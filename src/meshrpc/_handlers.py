@@ -127,7 +127,7 @@ async def _checked(
 ) -> AsyncIterator[Any]:
     # One generator over a client's stream: malformed messages answered, messages counted.
     async for request in requests:
-        if request.__class__ is _Malformed:
+        if type(request) is _Malformed:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.reason)
         if obs is not None:
             obs.received += 1
@@ -159,7 +159,9 @@ class _Outer:
 # bottom.  Telemetry is a begin/finish pair called inline, not a layer of its own: it sees
 # the status the client gets (a wrong reply type included) and adds no coroutine frame,
 # and no generator per streamed message.  Each RPC runs in its own task, so setting
-# current_rpc needs no reset.
+# current_rpc needs no reset.  A message's class is read with ``type()``, not
+# ``.__class__``: a protobuf (upb) message looks an attribute's name up among its fields
+# first, 37 ns against 15 (once per request and per reply).
 
 
 class _Shape(enum.Enum):
@@ -214,7 +216,7 @@ def _wrapped(outer: _Outer, impl: Handler, shape: _Shape) -> Handler:
                 request = parse(request)
             except DecodeError:
                 await _refuse(context, begin, invalid, malformed)
-        elif request.__class__ is _Malformed:  # a single request only: a stream's are checked as read
+        elif type(request) is _Malformed:  # a single request only: a stream's are checked as read
             await _refuse(context, begin, invalid, request.reason)
         if inflight.count >= inflight.limit:
             await _over_limit(context, inflight, begin)
@@ -249,13 +251,13 @@ def _wrapped(outer: _Outer, impl: Handler, shape: _Shape) -> Handler:
             requests = _checked(request, context, obs) if streaming_requests else request
             if single:
                 reply = await impl(requests, context)
-                if reply.__class__ is not reply_class and not isinstance(reply, reply_class):
+                if type(reply) is not reply_class and not isinstance(reply, reply_class):
                     await wrong_reply(context, spec, reply)
                 return reply
             if iterated:
                 write = context.write
                 async for reply in impl(requests, context):
-                    if reply.__class__ is not reply_class and not isinstance(reply, reply_class):
+                    if type(reply) is not reply_class and not isinstance(reply, reply_class):
                         await wrong_reply(context, spec, reply)
                     await write(reply)
                     sent += 1

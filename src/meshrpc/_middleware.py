@@ -266,7 +266,7 @@ def _innermost(spec: MethodSpec, impl: Handler, chain: tuple[Middleware, ...]) -
             sent = 0
             try:
                 async for reply in impl(call._requests if streaming_requests else call.request, context):
-                    if reply.__class__ is not reply_class and not isinstance(reply, reply_class):
+                    if type(reply) is not reply_class and not isinstance(reply, reply_class):
                         await wrong_reply(context, spec, reply)
                     await context.write(reply)
                     sent += 1
