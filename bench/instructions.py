@@ -39,7 +39,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 BIN = Path(sys.executable).parent
 
-from bench.bench import H2LOAD_DONE, TRACEPARENT, h2load  # noqa: E402
+from bench.bench import H2LOAD_DONE, TRACEPARENT, free_port, h2load  # noqa: E402
 from bench.bench import WORKLOADS as LOADS  # noqa: E402
 
 WARMUP = 200
@@ -62,12 +62,6 @@ CONTENDERS = {
     "contrib": [sys.executable, "-m", "bench.servers", "raw-otel-contrib", "{port}"],
     "tracing-floor": [sys.executable, "-m", "bench.servers", "raw-sdk-floor", "{port}"],
 }
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 # One call of each workload, as the client sends it (bench/bench.py's two workloads).
