@@ -367,3 +367,33 @@ def test_a_process_that_builds_server_after_server_keeps_sampling_as_the_sampler
             span.end()
     assert 30 < len(sampled) < 180
     assert sorted(s.context.trace_id for s in spans.get_finished_spans()) == sorted(sampled)
+
+
+class Spawning(helloworld_pb2_grpc.GreeterServicer):
+    """Starts a task that reads the current span after the call has ended; reports what it saw."""
+
+    def __init__(self) -> None:
+        self.later: list[asyncio.Task[tuple[str, int]]] = []
+
+    async def SayHello(self, request: Any, context: Any) -> Any:
+        async def after_the_call() -> tuple[str, int]:
+            await asyncio.sleep(0.05)
+            return request.name, int(trace.get_current_span().get_span_context().trace_id)
+
+        self.later.append(asyncio.ensure_future(after_the_call()))
+        seen = trace.get_current_span().get_span_context()
+        return helloworld_pb2.HelloReply(message=f"{seen.trace_id} {seen.is_valid}")
+
+
+async def test_a_task_the_handler_starts_keeps_its_dropped_call_s_trace(dropping: InMemorySpanExporter) -> None:
+    """The call's record, which holds its dropped span, is shared with the tasks the handler
+    starts: one trace id for the call and its task, even after the call has ended."""
+    spawning = Spawning()
+    async with testing.running(meshrpc.App("spawning", services=[spawning])) as served:
+        stub = helloworld_pb2_grpc.GreeterStub(served.channel)
+        replies = await asyncio.gather(*(stub.SayHello(helloworld_pb2.HelloRequest(name=str(i))) for i in range(10)))
+        later = await asyncio.gather(*spawning.later)
+    seen = [r.message.split() for r in replies]
+    assert all(valid == "True" for _, valid in seen)
+    assert dict(later) == {str(i): int(trace_id) for i, (trace_id, _) in enumerate(seen)}
+    assert len({trace_id for _, trace_id in later}) == 10 and dropping.get_finished_spans() == ()
