@@ -386,8 +386,9 @@ class Spawning(helloworld_pb2_grpc.GreeterServicer):
 
 
 async def test_a_task_the_handler_starts_keeps_its_dropped_call_s_trace(dropping: InMemorySpanExporter) -> None:
-    """The call's record, which holds its dropped span, is shared with the tasks the handler
-    starts: one trace id for the call and its task, even after the call has ended."""
+    """A dropped call's span sits behind the stand-in in the call's task context, which the
+    tasks its handler starts copy: one trace id for the call and its task, even after the
+    call has ended."""
     spawning = Spawning()
     async with testing.running(meshrpc.App("spawning", services=[spawning])) as served:
         stub = helloworld_pb2_grpc.GreeterStub(served.channel)
